@@ -26,6 +26,7 @@ def effective_kernel(layer: tf.keras.layers.Layer) -> tf.Tensor:
     quantizer = getattr(layer, "kernel_quantizer", None)
     if quantizer is None:
         quantizer = getattr(layer, "depthwise_quantizer", None)
+    kernel = tf.convert_to_tensor(kernel)  # a variable would trip custom gradients
     if quantizer is None:
-        return tf.convert_to_tensor(kernel)
+        return kernel
     return tf.convert_to_tensor(quantizer(kernel))
