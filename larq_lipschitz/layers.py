@@ -49,7 +49,9 @@ class ShortcutPad(tf.keras.layers.Layer):
         def sub(d):
             return None if d is None else -(-d // self.stride)
 
-        return tf.TensorShape([n, sub(h), sub(w), None if c is None else c + self.extra_channels])
+        return tf.TensorShape(
+            [n, sub(h), sub(w), None if c is None else c + self.extra_channels]
+        )
 
     def get_config(self):
         return {

@@ -22,7 +22,9 @@ def effective_kernel(layer: tf.keras.layers.Layer) -> tf.Tensor:
     if kernel is None:
         kernel = getattr(layer, "kernel", None)
     if kernel is None:
-        raise ValueError(f"Layer {layer.name!r} ({type(layer).__name__}) has no kernel.")
+        raise ValueError(
+            f"Layer {layer.name!r} ({type(layer).__name__}) has no kernel."
+        )
     quantizer = getattr(layer, "kernel_quantizer", None)
     if quantizer is None:
         quantizer = getattr(layer, "depthwise_quantizer", None)

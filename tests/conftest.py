@@ -31,7 +31,10 @@ CIFAR_ARCHIVE = pathlib.Path(
 def cifar_archive() -> pathlib.Path:
     """Path of the real CIFAR-10 binary archive; tests that need it skip without it."""
     if not CIFAR_ARCHIVE.is_file():
-        pytest.skip(f"real CIFAR-10 archive not found at {CIFAR_ARCHIVE}")
+        message = f"real CIFAR-10 archive not found at {CIFAR_ARCHIVE}"
+        if os.environ.get("LARQ_LIPSCHITZ_REQUIRE_DATA"):
+            pytest.fail(message + " (LARQ_LIPSCHITZ_REQUIRE_DATA is set)")
+        pytest.skip(message + "; set LARQ_LIPSCHITZ_CIFAR10 to its path")
     return CIFAR_ARCHIVE
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from larq_lipschitz.cli import main
+
+sys.exit(main())

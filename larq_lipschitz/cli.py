@@ -1,0 +1,221 @@
+"""The `larq-lipschitz` command line.
+
+Every subcommand prints its progress and results; errors in what the user asked for end
+the program with one line naming the problem and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+import larq_lipschitz  # noqa: E402  (selects Keras 2 before TensorFlow loads)
+
+log = logging.getLogger("larq_lipschitz.cli")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from larq_lipschitz.training import CONTROLS, DEFAULT_STRENGTH, OPTIMIZERS
+
+    p = sub.add_parser(
+        "train",
+        help="train a BNN with a Lipschitz control, then evaluate it clean and under noise",
+        description=(
+            "Train with model.fit under a tf.distribute strategy chosen from the visible "
+            "devices (TF_CONFIG: multi-worker; several GPUs: mirrored; else one device), "
+            "evaluate on the test set clean and under Gaussian noise, and write "
+            "results.json, model.keras, history.csv and TensorBoard logs into --output. "
+            "Rerunning the same command resumes an interrupted run."
+        ),
+    )
+    p.add_argument(
+        "--model", default="resnet20", help="model name (see `larq-lipschitz models`)"
+    )
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "imagenet2012"])
+    p.add_argument(
+        "--data",
+        default=None,
+        help="local dataset archive (CIFAR-10 binary .tar.gz or its extracted folder); "
+        "without it tensorflow-datasets is used",
+    )
+    p.add_argument("--data-dir", default=None, help="tensorflow-datasets data folder")
+    p.add_argument("--weight-bits", type=int, default=1, choices=[1, 32])
+    p.add_argument("--activation-bits", type=int, default=1, choices=[1, 32])
+    p.add_argument("--regularizer", default="l1inf", choices=CONTROLS)
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="penalty strength (radius for l1inf-constraint, alpha for lcr); defaults: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_STRENGTH.items() if k != "none"),
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="penalize only the excess over this bound",
+    )
+    p.add_argument(
+        "--teacher", default=None, help="full-precision teacher model (.keras) for lcr"
+    )
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    p.add_argument("--learning-rate", type=float, default=5e-3)
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--train-examples", type=int, default=None, help="cap on training images"
+    )
+    p.add_argument(
+        "--validation-examples",
+        type=int,
+        default=0,
+        help="hold out this many training images",
+    )
+    p.add_argument(
+        "--noise",
+        type=_float_list,
+        default=None,
+        help="Gaussian noise sigmas, e.g. 0.02,0.05,0.1",
+    )
+    p.add_argument(
+        "--synchronized-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="synchronize BatchNorm across replicas (default: when more than one replica)",
+    )
+    p.add_argument("--output", default="runs/demo", help="run folder")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="retrain even if the run folder holds a finished run",
+    )
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from larq_lipschitz.evaluation import DEFAULT_NOISE_SIGMAS
+    from larq_lipschitz.training import TrainConfig, train
+
+    config = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        data=args.data,
+        data_dir=args.data_dir,
+        weight_bits=args.weight_bits,
+        activation_bits=args.activation_bits,
+        regularizer=args.regularizer,
+        strength=args.strength,
+        target=args.target,
+        teacher=args.teacher,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        train_examples=args.train_examples,
+        validation_examples=args.validation_examples,
+        noise_sigmas=args.noise if args.noise is not None else DEFAULT_NOISE_SIGMAS,
+        synchronized_bn=args.synchronized_bn,
+    )
+    results = train(config, args.output, force=args.force)
+    print(f"run folder: {args.output}")
+    print(f"clean test accuracy: {results['test_accuracy']:.4f}")
+    for name, acc in results["noise_accuracy"].items():
+        print(f"accuracy under {name.replace('_', ' sigma=')}: {acc:.4f}")
+    if results.get("mean_epoch_seconds") is not None:
+        print(f"time per epoch: {results['mean_epoch_seconds']:.1f} s")
+    print(f"results: {os.path.join(args.output, 'results.json')}")
+    return 0
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the available models")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from larq_lipschitz import models
+
+    rows = models.describe()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = list(rows[0].keys())
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in columns))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="larq-lipschitz",
+        description="L1,inf Lipschitz control for binarized neural networks (Larq, Keras 2).",
+    )
+    parser.add_argument(
+        "--version", action="version", version=larq_lipschitz.__version__
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and results"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(sub)
+    _add_models(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from larq_lipschitz.runs import RunError
+
+    errors: list[type[BaseException]] = [
+        ValueError,
+        RunError,
+        FileNotFoundError,
+        FloatingPointError,
+    ]
+    try:
+        from larq_lipschitz.data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        print(f"larq-lipschitz {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
