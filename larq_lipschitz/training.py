@@ -18,8 +18,6 @@ import sys
 import time
 from typing import Any
 
-import tensorflow as tf
-
 from larq_lipschitz import runs
 from larq_lipschitz.distribute import choose_strategy, is_chief
 from larq_lipschitz.evaluation import (
@@ -27,6 +25,8 @@ from larq_lipschitz.evaluation import (
     noise_report,
     outputs_probabilities,
 )
+
+import tensorflow as tf
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ import pathlib
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import larq_lipschitz  # noqa: E402,F401  (must precede tensorflow)
+
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
