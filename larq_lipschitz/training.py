@@ -341,12 +341,13 @@ def train(
             synchronized_bn=sync_bn,
         )
         model = _attach_control(model, config)
+        probabilities = outputs_probabilities(model)
         if config.regularizer == "lcr":
             model = _wrap_lcr(model, config)
         model.compile(
             optimizer=_build_optimizer(config, steps_per_epoch * config.epochs),
             loss=tf.keras.losses.SparseCategoricalCrossentropy(
-                from_logits=not outputs_probabilities(model)
+                from_logits=not probabilities
             ),
             metrics=["accuracy"],
         )
