@@ -256,7 +256,8 @@ def _attach_control(model: tf.keras.Model, config: TrainConfig) -> tf.keras.Mode
         kwargs = (
             {} if config.target is None else {"mode": "excess", "target": config.target}
         )
-        return add_scale_aware_penalty(model, strength, **kwargs)
+        add_scale_aware_penalty(model, strength, **kwargs)  # in place
+        return model
     raise AssertionError(name)  # validate() rejects other names
 
 
