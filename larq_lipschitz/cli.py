@@ -164,6 +164,113 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_run(run_dir: str):
+    """The results and the trained model of a run folder."""
+    import pathlib
+
+    from larq_lipschitz import runs
+
+    import tensorflow as tf
+
+    results = runs.load_results(run_dir)
+    path = pathlib.Path(run_dir) / runs.MODEL_FILE
+    if not path.is_file():
+        raise runs.RunError(f"{path}: the run folder holds no trained model.")
+    try:
+        model = tf.keras.models.load_model(path, compile=False)
+    except (OSError, ValueError) as err:
+        raise runs.RunError(f"{path}: cannot be loaded as a Keras model ({err}).") from None
+    return results, model
+
+
+def _test_split(results: dict, batch_size: int = 200, data: str | None = None):
+    """The test set of the run's dataset, from the source the run was trained on."""
+    from larq_lipschitz import data as data_lib
+
+    config = results["config"]
+    splits = data_lib.load(
+        config["dataset"],
+        data if data is not None else config.get("data"),
+        batch_size=batch_size,
+        data_dir=config.get("data_dir"),
+        augment=False,
+    )
+    return splits.test
+
+
+def _add_bounds(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bounds",
+        help="Lipschitz bounds of a trained run (per layer and network, inf and 2 norms)",
+        description="Write RUN_DIR/bounds.json and bounds.csv: per-layer and network "
+        "Lipschitz bounds in the infinity and 2 norms (BatchNorm folded, effective binary "
+        "weights), and for each binarized layer the ratio of its L1,inf to its spectral bound.",
+    )
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_bounds)
+
+
+def _cmd_bounds(args: argparse.Namespace) -> int:
+    from larq_lipschitz.bounds import (
+        RELAXATION,
+        bound_comparison,
+        lipschitz_bound,
+        write_bounds_report,
+    )
+
+    _, model = _load_run(args.run_dir)
+    for norm in ("inf", "2"):
+        report = lipschitz_bound(model, norm)
+        print(f"network Lipschitz bound ({norm} norm): {report.network_bound:.6g}")
+    print(f"sign activations: {RELAXATION}")
+    rows = bound_comparison(model)
+    if rows:
+        print(f"{'layer':32s} {'L1,inf':>12s} {'spectral':>12s} {'ratio':>8s}")
+        for r in rows:
+            print(f"{r['layer']:32s} {r['l1_inf']:12.4g} {r['spectral']:12.4g} {r['ratio']:8.3f}")
+    paths = write_bounds_report(model, args.run_dir)
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _add_certify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "certify",
+        help="certified accuracy under L-inf perturbations (interval bound propagation)",
+        description="Certified test accuracy of a trained run under ||delta||_inf <= eps "
+        "([0, 1] pixel scale) by interval bound propagation; writes certification.json and "
+        "certified_accuracy.png into RUN_DIR.",
+    )
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--eps",
+        type=_float_list,
+        default=(0.0, 1 / 255, 2 / 255),
+        help="comma-separated epsilons in [0, 1] pixel scale (default 0,1/255,2/255)",
+    )
+    p.add_argument("--examples", type=int, default=None, help="certify only the first N test images")
+    p.add_argument("--data", default=None, help="dataset archive, if not the one the run used")
+    p.set_defaults(func=_cmd_certify)
+
+
+def _cmd_certify(args: argparse.Namespace) -> int:
+    from larq_lipschitz.certify import certify, write_certification
+
+    if any(not 0 <= e <= 1 for e in args.eps):
+        raise ValueError(f"--eps values must be in [0, 1] pixel scale, got {list(args.eps)}.")
+    results, model = _load_run(args.run_dir)
+    rows = certify(model, _test_split(results, data=args.data), args.eps, num_examples=args.examples)
+    print(f"{'epsilon':>10s} {'clean':>8s} {'certified':>10s} {'undecided':>10s}")
+    for r in rows:
+        print(
+            f"{r['epsilon']:10.5f} {r['clean_accuracy']:8.4f} {r['certified_accuracy']:10.4f} "
+            f"{r['undecided_fraction']:10.4f}"
+        )
+    paths = write_certification(rows, args.run_dir)
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="larq-lipschitz",
@@ -178,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
     _add_models(sub)
+    _add_bounds(sub)
+    _add_certify(sub)
     return parser
 
 
