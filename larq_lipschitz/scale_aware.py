@@ -25,7 +25,8 @@ through it. Two choices are offered by `add_scale_aware_penalty`:
   relative to the data. It is computed from the output of the layer that feeds the
   BatchNorm, in that layer's own forward pass.
   Under a `MirroredStrategy` each replica uses its own part of the batch (as a BatchNorm
-  without `synchronized=True` does). `model.evaluate` reports the penalty with the
+  without `synchronized=True` does), or the whole global batch when the BatchNorm is
+  synchronized (as BatchNorm itself then does). `model.evaluate` reports the penalty with the
   statistics of the evaluation batches.
 - `statistics="moving"`: `var_o` is the moving variance. It lags the kernel, so a
   gradient through the kernel would keep shrinking a scale that BatchNorm undoes (the
@@ -324,6 +325,26 @@ def effective_bounds(model: tf.keras.Model, layers: str = "all") -> dict[str, fl
     }
 
 
+def _batch_variance(flat: tf.Tensor, synchronized: bool) -> tf.Tensor:
+    """Per-column variance of `flat`, over the global batch when BatchNorm is synchronized.
+
+    A synchronized BatchNorm normalizes with the statistics of the whole global batch;
+    the penalty then uses the same ones (an all-reduce of the sums, which gradients pass
+    through), so one and several replicas of the same global batch give the same value.
+    """
+    context = tf.distribute.get_replica_context()
+    if not synchronized or context is None or context.num_replicas_in_sync == 1:
+        return tf.nn.moments(flat, axes=[0])[1]
+    channels = tf.shape(flat)[1]
+    count = tf.cast(tf.shape(flat)[:1], flat.dtype)
+    # One packed tensor: the collective needs the same shapes on every replica.
+    packed = tf.concat([tf.reduce_sum(flat, 0), tf.reduce_sum(tf.square(flat), 0), count], 0)
+    packed = context.all_reduce(tf.distribute.ReduceOp.SUM, packed)
+    total, squares, count = packed[:channels], packed[channels:-1], packed[-1]
+    mean = total / count
+    return tf.maximum(squares / count - tf.square(mean), 0.0)
+
+
 class _BlockPenalty:
     """Computes one block's penalty from the output of the block's host layer."""
 
@@ -344,7 +365,8 @@ class _BlockPenalty:
             x = tf.cast(outputs, tf.float32)
             # Per-channel population variance over every other axis, as BatchNorm
             # computes it; the reshape also serves inputs of unknown rank.
-            _, variance = tf.nn.moments(tf.reshape(x, [-1, tf.shape(x)[-1]]), axes=[0])
+            flat = tf.reshape(x, [-1, tf.shape(x)[-1]])
+            variance = _batch_variance(flat, getattr(bn, "synchronized", False))
             bounds = folded_row_bounds(layer, bn, variance)
         else:
             # The moving variance lags the kernel: hold the kernel factor.
@@ -603,7 +625,8 @@ def check_lipschitz_controls(model: tf.keras.Model) -> list[str]:
       or a layer type whose kernel is not read as rows (separable, transposed,
       locally connected).
 
-    Each problem is logged with `logging.getLogger(__name__).warning`.
+    Problems are logged with `logging.getLogger(__name__).warning` (the first two, and a
+    count of the rest when there are more than three).
 
     # Returns
         The problems, one sentence each naming the layer; empty when all is well.
@@ -622,6 +645,13 @@ def check_lipschitz_controls(model: tf.keras.Model) -> list[str]:
     problems = []
     for layer in _all_layers(model):
         problems.extend(_layer_problems(layer, blocks.get(id(layer))))
-    for problem in problems:
+    shown = 2 if len(problems) > 3 else len(problems)
+    for problem in problems[:shown]:
         log.warning("%s", problem)
+    if len(problems) > shown:
+        log.warning(
+            "... and %d more layers with a problem of the same kinds; "
+            "check_lipschitz_controls(model) returns the full list.",
+            len(problems) - shown,
+        )
     return problems

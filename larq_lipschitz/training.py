@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import shutil
+import tempfile
 import sys
 import time
 from typing import Any
@@ -216,6 +217,71 @@ class ProgressLog(tf.keras.callbacks.Callback):
         )
 
 
+class EpochCheckpoint(tf.keras.callbacks.Callback):
+    """Save model, optimizer and epoch counter at every epoch end, for `train` to resume.
+
+    Works under every strategy (Keras' `BackupAndRestore` refuses `OneDeviceStrategy`).
+    TensorFlow writes the checkpoint files first and the index that names the latest one
+    last, so a process killed while saving leaves the previous checkpoint in force.
+    Workers other than the chief write to a private temporary folder, as multi-worker
+    checkpointing requires every worker to take part in the save.
+    """
+
+    def __init__(
+        self, checkpoint: tf.train.Checkpoint, epoch: tf.Variable, directory: str
+    ):
+        super().__init__()
+        self.epoch = epoch
+        self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=2)
+
+    def restore(self) -> int:
+        """Restore the latest checkpoint, if any; return the number of finished epochs."""
+        latest = self.manager.latest_checkpoint
+        if latest is None:
+            return 0
+        self.manager.checkpoint.restore(latest).expect_partial()
+        return int(self.epoch.numpy())
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch.assign(epoch + 1)
+        self.manager.save(checkpoint_number=epoch + 1)
+
+
+def _finished_epoch_rows(csv_path: pathlib.Path, epochs_done: int) -> None:
+    """Drop rows of `history.csv` for epochs that the resumed run will train again."""
+    if not csv_path.is_file():
+        return
+    lines = csv_path.read_text().splitlines()
+    if not lines:
+        return
+    keep = [lines[0]] + [
+        line
+        for line in lines[1:]
+        if line.split(",")[0].isdigit() and int(line.split(",")[0]) < epochs_done
+    ]
+    runs.atomic_write_text(csv_path, "\n".join(keep) + "\n")
+
+
+def _read_history(csv_path: pathlib.Path) -> dict[str, list[float]]:
+    """The per-epoch metrics `CSVLogger` wrote, as `{column: [value per epoch]}`."""
+    import csv
+
+    if not csv_path.is_file():
+        return {}
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = rows[0].keys() if rows else []
+
+    def number(text):
+        try:
+            return float(text)
+        except (TypeError, ValueError):  # CSVLogger writes "NA" for a missing value
+            return None
+
+    table = {c: [number(r.get(c)) for r in rows] for c in columns}
+    return {c: v for c, v in table.items() if any(x is not None for x in v)}
+
+
 def _build_optimizer(
     config: TrainConfig, total_steps: int
 ) -> tf.keras.optimizers.Optimizer:
@@ -301,7 +367,8 @@ def train(
         return runs.load_results(output)
     if state == "finished":
         (output / runs.RESULTS_FILE).unlink()
-        shutil.rmtree(output / "backup", ignore_errors=True)
+        shutil.rmtree(output / "checkpoints", ignore_errors=True)
+        (output / "history.csv").unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
     runs.atomic_write_json(
         output / "run.json", {"format": runs.RESULTS_FORMAT, "config": config.to_dict()}
@@ -330,7 +397,7 @@ def train(
         data_dir=config.data_dir,
     )
     info = splits.info
-    steps_per_epoch = math.ceil(info["num_train"] / config.batch_size)
+    steps_per_epoch = math.ceil(info["num_examples"]["train"] / config.batch_size)
 
     with strategy.scope():
         model = models.get(
@@ -340,6 +407,8 @@ def train(
             weight_bits=config.weight_bits,
             activation_bits=config.activation_bits,
             synchronized_bn=sync_bn,
+            mean=info["mean"],
+            std=info["std"],
         )
         model = _attach_control(model, config)
         probabilities = outputs_probabilities(model)
@@ -353,13 +422,32 @@ def train(
             metrics=["accuracy"],
         )
 
+    chief = is_chief(strategy)
+    with strategy.scope():
+        epoch_counter = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="epochs_done"
+        )
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=model.optimizer, epochs_done=epoch_counter
+    )
+    scratch = None if chief else tempfile.mkdtemp(prefix="larq-lipschitz-worker-")
+    saver = EpochCheckpoint(
+        checkpoint, epoch_counter, scratch or str(output / "checkpoints")
+    )
+    initial_epoch = saver.restore()
+    if initial_epoch:
+        log.info(
+            "restored the state after epoch %d of %d", initial_epoch, config.epochs
+        )
+    _finished_epoch_rows(output / "history.csv", initial_epoch)
+
     timer = EpochTimer()
     callbacks: list[tf.keras.callbacks.Callback] = [
-        tf.keras.callbacks.BackupAndRestore(str(output / "backup")),
         timer,
         tf.keras.callbacks.TensorBoard(str(output / "logs"), profile_batch=0),
         tf.keras.callbacks.CSVLogger(str(output / "history.csv"), append=True),
         tf.keras.callbacks.TerminateOnNaN(),
+        saver,  # last: an epoch counts as done only once everything above has logged it
     ]
     try:
         from larq_lipschitz.bounds import LipschitzBoundLogger
@@ -389,17 +477,22 @@ def train(
     history = model.fit(
         splits.train,
         epochs=config.epochs,
+        initial_epoch=initial_epoch,
         validation_data=splits.validation,
         callbacks=callbacks,
         verbose=1 if sys.stderr.isatty() else 0,
     )
     fit_seconds = time.perf_counter() - fit_start
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    record = _read_history(output / "history.csv") if chief else {}
     if any(not math.isfinite(v) for v in history.history.get("loss", [0.0])):
         raise FloatingPointError(
             "training diverged: the loss became NaN or infinite; lower --learning-rate or "
             "--strength."
         )
 
+    epoch_seconds = record.get("epoch_seconds") or timer.seconds
     evaluated = model.student if config.regularizer == "lcr" else model
     metrics = noise_report(
         evaluated, splits.test, config.noise_sigmas, seed=config.seed
@@ -417,13 +510,14 @@ def train(
         "noise_accuracy": {
             k: v for k, v in metrics.items() if k.startswith("gaussian_")
         },
-        "epoch_seconds": timer.seconds,
-        "mean_epoch_seconds": (sum(timer.seconds) / len(timer.seconds))
-        if timer.seconds
+        "epoch_seconds": epoch_seconds,
+        "mean_epoch_seconds": (sum(epoch_seconds) / len(epoch_seconds))
+        if epoch_seconds
         else None,
+        "resumed_at_epoch": initial_epoch,
         "test_seconds": metrics["test_seconds"],
         "fit_seconds": fit_seconds,
-        "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+        "history": record,
         "versions": runs.versions(),
         "machine": runs.machine(),
     }

@@ -1,0 +1,73 @@
+"""The training entry point on real CIFAR-10: it learns, writes its run folder, resumes."""
+
+import json
+
+import larq_lipschitz  # noqa: F401
+
+import pytest
+
+from larq_lipschitz import runs
+from larq_lipschitz.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, cifar_archive):
+    """A binarized ResNet-20 with the L1,inf penalty, 2 epochs of 150 steps of batch 50."""
+    out = tmp_path_factory.mktemp("run")
+    config = TrainConfig(
+        model="resnet20",
+        data=str(cifar_archive),
+        regularizer="l1inf",
+        epochs=2,
+        batch_size=50,
+        train_examples=7500,
+        learning_rate=5e-3,
+        noise_sigmas=(0.05,),
+        seed=1,
+    )
+    return out, config, train(config, out)
+
+
+def test_few_hundred_steps_beat_chance_on_the_real_test_set(trained_run):
+    _, _, results = trained_run
+    # 10 classes: chance is 10%; 300 steps of a 1/1 ResNet-20 reach well above 25%.
+    assert results["test_accuracy"] > 0.25
+    assert results["data"]["num_examples"]["test"] == 10_000
+    assert 0.0 <= results["noise_accuracy"]["gaussian_0.05"] <= 1.0
+
+
+def test_run_folder_is_complete_and_machine_readable(trained_run):
+    out, config, results = trained_run
+    on_disk = json.loads((out / runs.RESULTS_FILE).read_text())
+    assert on_disk["test_accuracy"] == pytest.approx(results["test_accuracy"])
+    assert on_disk["config"] == json.loads(json.dumps(config.to_dict()))
+    assert len(on_disk["epoch_seconds"]) == 2 and all(s > 0 for s in on_disk["epoch_seconds"])
+    assert len(on_disk["history"]["loss"]) == 2
+    for package in ("tensorflow", "tf-keras", "larq"):
+        assert on_disk["versions"][package][0].isdigit()
+    assert (out / runs.MODEL_FILE).is_file()
+    assert any((out / "logs").rglob("events.out.tfevents*"))
+
+
+def test_a_finished_run_is_not_trained_again(trained_run):
+    out, config, results = trained_run
+    before = (out / runs.RESULTS_FILE).stat().st_mtime_ns
+    again = train(config, out)
+    assert again["test_accuracy"] == results["test_accuracy"]
+    assert (out / runs.RESULTS_FILE).stat().st_mtime_ns == before
+
+
+def test_a_folder_of_another_run_is_refused_untouched(trained_run):
+    out, config, _ = trained_run
+    before = (out / runs.RESULTS_FILE).read_bytes()
+    other = TrainConfig(**{**config.to_dict(), "learning_rate": 1e-3})
+    with pytest.raises(runs.RunError, match="learning_rate"):
+        train(other, out)
+    assert (out / runs.RESULTS_FILE).read_bytes() == before
+
+
+def test_a_folder_with_foreign_files_is_refused(tmp_path, cifar_archive):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(runs.RunError, match="holds no larq-lipschitz run"):
+        train(TrainConfig(data=str(cifar_archive)), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
