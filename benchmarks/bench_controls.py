@@ -68,7 +68,7 @@ def main() -> None:
     data = tf.data.Dataset.from_tensors((images, labels)).repeat().prefetch(2)
 
     built = {name: build(name) for name in names}
-    for name, model in built.items():  # trace and warm up
+    for model in built.values():  # trace and warm up
         model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
