@@ -39,9 +39,15 @@ def cifar_archive() -> pathlib.Path:
     return CIFAR_ARCHIVE
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mirrored_strategy():
-    """A MirroredStrategy over the two logical CPU devices."""
+    """A MirroredStrategy over the two logical CPU devices, one for the whole session.
+
+    Seen here: a second MirroredStrategy created in the same process after the first one
+    ran collectives can pair the collectives of the two replicas wrongly ("shape
+    mismatch in the collective instance 100"). Training creates one strategy per
+    process; the tests do the same.
+    """
     devices = tf.config.list_logical_devices("CPU")
     if len(devices) < 2:
         pytest.skip("two logical CPU devices could not be configured")
