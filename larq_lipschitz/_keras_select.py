@@ -14,7 +14,7 @@ import sys
 _FIX = (
     "larq-lipschitz needs Keras 2 (the tf-keras package), but TensorFlow was imported "
     "before larq_lipschitz and has already selected Keras 3. Either import "
-    "larq_lipschitz (or larq) before tensorflow, or set the environment variable "
+    "larq_lipschitz first, before tensorflow and larq, or set the environment variable "
     "TF_USE_LEGACY_KERAS=1 before starting Python."
 )
 

@@ -1216,14 +1216,18 @@ class LipschitzBoundLogger(tf.keras.callbacks.Callback):
     def bounds(self) -> dict[str, float]:
         """The current bounds, `{"lipschitz_inf": ..., "lipschitz_2": ...}`."""
         if self._plan is None:
-            self._plan = _build_plan(self.model)
+            # A training wrapper (such as LCRModel) exposes the network it trains.
+            self._plan = _build_plan(getattr(self.model, "student", self.model))
         return {
             "lipschitz_inf": _evaluate(self._plan, "inf", True).network_bound,
             "lipschitz_2": _evaluate(self._plan, "2", True).network_bound,
         }
 
     def on_epoch_end(self, epoch, logs=None):
-        values = self.bounds()
+        try:
+            values = self.bounds()
+        except np.linalg.LinAlgError:  # non-finite weights: training has diverged
+            values = {"lipschitz_inf": float("nan"), "lipschitz_2": float("nan")}
         if logs is not None:
             logs.update(values)
         self.history.append({"epoch": int(epoch), **values})

@@ -179,7 +179,9 @@ def _load_run(run_dir: str):
     try:
         model = tf.keras.models.load_model(path, compile=False)
     except (OSError, ValueError) as err:
-        raise runs.RunError(f"{path}: cannot be loaded as a Keras model ({err}).") from None
+        raise runs.RunError(
+            f"{path}: cannot be loaded as a Keras model ({err})."
+        ) from None
     return results, model
 
 
@@ -227,7 +229,9 @@ def _cmd_bounds(args: argparse.Namespace) -> int:
     if rows:
         print(f"{'layer':32s} {'L1,inf':>12s} {'spectral':>12s} {'ratio':>8s}")
         for r in rows:
-            print(f"{r['layer']:32s} {r['l1_inf']:12.4g} {r['spectral']:12.4g} {r['ratio']:8.3f}")
+            print(
+                f"{r['layer']:32s} {r['l1_inf']:12.4g} {r['spectral']:12.4g} {r['ratio']:8.3f}"
+            )
     paths = write_bounds_report(model, args.run_dir)
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -248,8 +252,15 @@ def _add_certify(sub: argparse._SubParsersAction) -> None:
         default=(0.0, 1 / 255, 2 / 255),
         help="comma-separated epsilons in [0, 1] pixel scale (default 0,1/255,2/255)",
     )
-    p.add_argument("--examples", type=int, default=None, help="certify only the first N test images")
-    p.add_argument("--data", default=None, help="dataset archive, if not the one the run used")
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=None,
+        help="certify only the first N test images",
+    )
+    p.add_argument(
+        "--data", default=None, help="dataset archive, if not the one the run used"
+    )
     p.set_defaults(func=_cmd_certify)
 
 
@@ -257,9 +268,16 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     from larq_lipschitz.certify import certify, write_certification
 
     if any(not 0 <= e <= 1 for e in args.eps):
-        raise ValueError(f"--eps values must be in [0, 1] pixel scale, got {list(args.eps)}.")
+        raise ValueError(
+            f"--eps values must be in [0, 1] pixel scale, got {list(args.eps)}."
+        )
     results, model = _load_run(args.run_dir)
-    rows = certify(model, _test_split(results, data=args.data), args.eps, num_examples=args.examples)
+    rows = certify(
+        model,
+        _test_split(results, data=args.data),
+        args.eps,
+        num_examples=args.examples,
+    )
     print(f"{'epsilon':>10s} {'clean':>8s} {'certified':>10s} {'undecided':>10s}")
     for r in rows:
         print(
@@ -289,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_certify(sub)
     for module in ("cli_reports", "cli_export"):
         try:
-            extension = __import__(f"larq_lipschitz.{module}", fromlist=["add_commands"])
+            extension = __import__(
+                f"larq_lipschitz.{module}", fromlist=["add_commands"]
+            )
         except ImportError as err:
             if getattr(err, "name", "") != f"larq_lipschitz.{module}":
                 raise

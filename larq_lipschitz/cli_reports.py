@@ -142,6 +142,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--output", default=".", help="folder to write into (default: .)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing comparison in --output",
+    )
     p.set_defaults(func=_cmd_compare)
 
 
@@ -249,8 +254,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    import pathlib
+
     from larq_lipschitz.compare import write_comparison
 
+    existing = [
+        name
+        for name in ("comparison.md", "comparison.json", "comparison.png")
+        if (pathlib.Path(args.output) / name).exists()
+    ]
+    if existing and not args.force:
+        raise ValueError(
+            f"{args.output} already holds {', '.join(existing)}; pass --force to replace "
+            "them or choose another --output folder."
+        )
     paths = write_comparison(args.run_dirs, args.output)
     print(paths["markdown"].read_text(encoding="utf-8"), end="")
     print("written: " + ", ".join(str(p) for p in paths.values()))

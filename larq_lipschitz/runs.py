@@ -6,7 +6,9 @@ A run folder holds everything one `larq-lipschitz train` produced:
 RUN_DIR/
   results.json        configuration, metrics, timings, versions (written last, atomically)
   model.keras         the final trained model
-  backup/             the resumable training state (removed once the run has finished)
+  run.json            the configuration (written once training is about to start)
+  checkpoints/        model, optimizer and epoch counter after each finished epoch
+  history.csv         per-epoch metrics
   logs/               TensorBoard event files
 ```
 
@@ -60,6 +62,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -124,6 +129,11 @@ def load_results(run_dir: str | os.PathLike) -> dict:
     run_dir = pathlib.Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run folder.")
+    if not (run_dir / RESULTS_FILE).is_file() and (run_dir / "run.json").is_file():
+        raise RunError(
+            f"{run_dir}: the run has not finished (no {RESULTS_FILE}); rerun its train "
+            "command to resume it."
+        )
     results = read_json(run_dir / RESULTS_FILE)
     fmt = results.get("format")
     if fmt != RESULTS_FORMAT:
@@ -158,6 +168,11 @@ def check_reusable(run_dir: pathlib.Path, config: dict) -> str:
             "choose another --output folder."
         )
     previous = read_json(marker)
+    trained = (run_dir / "checkpoints").is_dir() or (run_dir / RESULTS_FILE).is_file()
+    if previous.get("config") != _plain(config) and not trained:
+        return (
+            "new"  # an earlier attempt stopped before its first epoch: nothing to keep
+        )
     if previous.get("config") != _plain(config):
         changed = sorted(
             k

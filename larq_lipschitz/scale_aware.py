@@ -338,7 +338,9 @@ def _batch_variance(flat: tf.Tensor, synchronized: bool) -> tf.Tensor:
     channels = tf.shape(flat)[1]
     count = tf.cast(tf.shape(flat)[:1], flat.dtype)
     # One packed tensor: the collective needs the same shapes on every replica.
-    packed = tf.concat([tf.reduce_sum(flat, 0), tf.reduce_sum(tf.square(flat), 0), count], 0)
+    packed = tf.concat(
+        [tf.reduce_sum(flat, 0), tf.reduce_sum(tf.square(flat), 0), count], 0
+    )
     packed = context.all_reduce(tf.distribute.ReduceOp.SUM, packed)
     total, squares, count = packed[:channels], packed[channels:-1], packed[-1]
     mean = total / count

@@ -14,8 +14,8 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -150,6 +150,19 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value < 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.strength is not None and self.strength > 1e6:
+            raise ValueError(
+                f"strength={self.strength!r} is not a plausible strength (at most 1e6)."
+            )
+        if self.regularizer == "lcr":
+            if not self.teacher:
+                raise ValueError(
+                    "regularizer 'lcr' needs a trained full-precision teacher: pass --teacher "
+                    "PATH.keras (train one with --weight-bits 32 --activation-bits 32 "
+                    "--regularizer none)."
+                )
+            if not pathlib.Path(self.teacher).exists():
+                raise ValueError(f"--teacher {self.teacher}: no such file.")
         if self.regularizer == "l1inf-constraint" and not self.strength > 0:
             raise ValueError("l1inf-constraint needs a radius (--strength) > 0.")
         for sigma in self.noise_sigmas:
@@ -336,7 +349,12 @@ def _wrap_lcr(student: tf.keras.Model, config: TrainConfig) -> tf.keras.Model:
             "PATH.keras (train one with --weight-bits 32 --activation-bits 32 "
             "--regularizer none)."
         )
-    teacher = tf.keras.models.load_model(config.teacher, compile=False)
+    try:
+        teacher = tf.keras.models.load_model(config.teacher, compile=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"--teacher {config.teacher}: cannot be loaded as a Keras model ({err})"
+        ) from None
     return LCRModel(student, teacher, alpha=config.strength)
 
 
@@ -369,10 +387,6 @@ def train(
         (output / runs.RESULTS_FILE).unlink()
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
         (output / "history.csv").unlink(missing_ok=True)
-    output.mkdir(parents=True, exist_ok=True)
-    runs.atomic_write_json(
-        output / "run.json", {"format": runs.RESULTS_FORMAT, "config": config.to_dict()}
-    )
     if state == "resume":
         log.info("resuming the unfinished run in %s", output)
 
@@ -422,6 +436,12 @@ def train(
             metrics=["accuracy"],
         )
 
+    # Everything that can fail on a user's mistake has been checked or built by now;
+    # only from here on does the folder belong to this run.
+    output.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write_json(
+        output / "run.json", {"format": runs.RESULTS_FORMAT, "config": config.to_dict()}
+    )
     chief = is_chief(strategy)
     with strategy.scope():
         epoch_counter = tf.Variable(
@@ -524,8 +544,18 @@ def train(
     bound_logger = next(
         (c for c in callbacks if type(c).__name__ == "LipschitzBoundLogger"), None
     )
-    if bound_logger is not None:
-        results["lipschitz_bounds"] = getattr(bound_logger, "history", None)
+    if bound_logger is not None and "lipschitz_inf" in record:
+        results["lipschitz_bounds"] = [
+            {"epoch": int(e), "lipschitz_inf": li, "lipschitz_2": l2}
+            for e, li, l2 in zip(
+                record["epoch"],
+                record["lipschitz_inf"],
+                record.get("lipschitz_2", []),
+                strict=False,
+            )
+        ]
+    elif bound_logger is not None:
+        results["lipschitz_bounds"] = bound_logger.history
 
     if is_chief(strategy):
         tmp = output / f".{runs.MODEL_FILE}.tmp.keras"

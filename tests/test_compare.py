@@ -240,3 +240,17 @@ def test_compare_refuses_unusable_folders_and_writes_nothing(
         assert not out.exists()
     with pytest.raises(ValueError, match="at least one run folder"):
         compare.compare_runs([])
+
+
+def test_compare_refuses_to_replace_a_comparison_without_force(
+    two_runs, tmp_path, capsys
+):
+    a, b = two_runs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "comparison.md").write_text("my notes")
+    assert cli.main(["compare", str(a), str(b), "--output", str(out)]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (out / "comparison.md").read_text() == "my notes"
+    assert cli.main(["compare", str(a), str(b), "--output", str(out), "--force"]) == 0
+    assert "| plain |" in (out / "comparison.md").read_text()

@@ -8,15 +8,14 @@ reduction-order differences of 1e-7 into flipped signs and make "equal" meaningl
 """
 
 import larq_lipschitz  # noqa: F401
+from larq_lipschitz import L1InfConstraint, L1InfLipschitz, SpectralNormLipschitz
+from larq_lipschitz.lcr import LCRModel
+from larq_lipschitz.scale_aware import add_scale_aware_penalty
 
 import larq as lq
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from larq_lipschitz import L1InfConstraint, L1InfLipschitz, SpectralNormLipschitz
-from larq_lipschitz.lcr import LCRModel
-from larq_lipschitz.scale_aware import add_scale_aware_penalty
 
 GLOBAL_BATCH = 16
 

@@ -3,11 +3,10 @@
 import json
 
 import larq_lipschitz  # noqa: F401
-
-import pytest
-
 from larq_lipschitz import runs
 from larq_lipschitz.training import TrainConfig, train
+
+import pytest
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,9 @@ def test_run_folder_is_complete_and_machine_readable(trained_run):
     on_disk = json.loads((out / runs.RESULTS_FILE).read_text())
     assert on_disk["test_accuracy"] == pytest.approx(results["test_accuracy"])
     assert on_disk["config"] == json.loads(json.dumps(config.to_dict()))
-    assert len(on_disk["epoch_seconds"]) == 2 and all(s > 0 for s in on_disk["epoch_seconds"])
+    assert len(on_disk["epoch_seconds"]) == 2 and all(
+        s > 0 for s in on_disk["epoch_seconds"]
+    )
     assert len(on_disk["history"]["loss"]) == 2
     for package in ("tensorflow", "tf-keras", "larq"):
         assert on_disk["versions"][package][0].isdigit()
@@ -71,3 +72,24 @@ def test_a_folder_with_foreign_files_is_refused(tmp_path, cifar_archive):
     with pytest.raises(runs.RunError, match="holds no larq-lipschitz run"):
         train(TrainConfig(data=str(cifar_archive)), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_start_leaves_the_folder_usable(tmp_path):
+    from larq_lipschitz.data import DataError
+
+    out = tmp_path / "run"
+    with pytest.raises(DataError):
+        train(TrainConfig(data=str(tmp_path / "missing.tar.gz")), out)
+    assert not (out / "run.json").exists()  # the corrected command may use the folder
+
+
+def test_lcr_without_a_usable_teacher_is_refused_up_front(tmp_path):
+    with pytest.raises(ValueError, match="needs a trained full-precision teacher"):
+        TrainConfig(regularizer="lcr")
+    with pytest.raises(ValueError, match="no such file"):
+        TrainConfig(regularizer="lcr", teacher=str(tmp_path / "teacher.keras"))
+
+
+def test_absurd_strength_is_refused():
+    with pytest.raises(ValueError, match="not a plausible strength"):
+        TrainConfig(strength=1e308)
