@@ -305,16 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_bounds(sub)
     _add_certify(sub)
-    for module in ("cli_reports", "cli_export"):
-        try:
-            extension = __import__(
-                f"larq_lipschitz.{module}", fromlist=["add_commands"]
-            )
-        except ImportError as err:
-            if getattr(err, "name", "") != f"larq_lipschitz.{module}":
-                raise
-            continue
-        extension.add_commands(sub)
+    from larq_lipschitz import cli_export, cli_reports
+
+    cli_reports.add_commands(sub)
+    cli_export.add_commands(sub)
     return parser
 
 
