@@ -11,6 +11,8 @@ import math
 import pathlib
 import sys
 
+from larq_lipschitz.cli import _float_list
+
 log = logging.getLogger(__name__)
 
 TFLITE_FILE = "model.tflite"
@@ -25,15 +27,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
-
-
-def _sigmas(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -62,7 +55,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--noise",
-        type=_sigmas,
+        type=_float_list,
         default=(),
         help="also measure the deployed model's accuracy under Gaussian noise of these "
         "sigmas ([0, 1] pixel scale), e.g. 0.02,0.05,0.1",

@@ -18,6 +18,7 @@ import argparse
 import time
 
 from larq_lipschitz import runs
+from larq_lipschitz.cli import _float_list
 
 __all__ = ["add_commands"]
 
@@ -44,15 +45,6 @@ def _ints(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
         ) from None
 
 
@@ -104,7 +96,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--gaussian",
-        type=_floats,
+        type=_float_list,
         default=None,
         help="Gaussian noise sigmas (pixel scale) instead of the defaults",
     )
@@ -117,7 +109,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--eps",
-        type=_floats,
+        type=_float_list,
         default=None,
         help="L-inf radii of the attacks and certificates, [0, 1] pixel scale "
         "(default 1/255,2/255,4/255)",
