@@ -42,13 +42,12 @@ import logging
 import os
 import pathlib
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from larq_lipschitz import evaluation, quantization
+from larq_lipschitz import evaluation, quantization, runs
 from larq_lipschitz.apply import binarized_layers
 
 import numpy as np
@@ -421,23 +420,6 @@ def _untrained_batchnorm(model: tf.keras.Model) -> list[str]:
     return names
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def convert(model: tf.keras.Model, path: str | os.PathLike) -> dict:
     """Convert a Keras model to an LCE flatbuffer at `path`, written atomically.
 
@@ -534,7 +516,7 @@ def convert(model: tf.keras.Model, path: str | os.PathLike) -> dict:
             f"result ({_first_line(err)})."
         ) from None
     report = operator_report(model, flatbuffer)
-    _atomic_write_bytes(path, flatbuffer)
+    runs.atomic_write_bytes(path, flatbuffer)
     binarized = [r for r in report["layers"] if r["binarized"]]
     binary = [r for r in report["layers"] if r["binary"]]
     stay_float = [r["layer"] for r in binarized if r["deployed_as"] and not r["binary"]]
