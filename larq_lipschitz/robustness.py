@@ -1053,6 +1053,21 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def _curves(rows: list[dict], key: str, x: str, clean: float) -> list[tuple]:
+    """One `(label, xs, accuracies)` line per distinct `row[key]`, starting at clean."""
+    lines = []
+    for label in dict.fromkeys(r[key] for r in rows):
+        mine = sorted((r for r in rows if r[key] == label), key=lambda r: r[x])
+        lines.append(
+            (
+                label,
+                [0] + [r[x] for r in mine],
+                [clean] + [r["accuracy"] for r in mine],
+            )
+        )
+    return lines
+
+
 def _severity_figure(report: Mapping):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -1061,51 +1076,21 @@ def _severity_figure(report: Mapping):
     panels: list[tuple[str, str, list[tuple[str, list, list]]]] = []
     noise = (report.get("noise") or {}).get("results") or []
     if noise:
-        lines = []
-        for family in dict.fromkeys(r["family"] for r in noise):
-            rows = sorted(
-                (r for r in noise if r["family"] == family), key=lambda r: r["level"]
-            )
-            lines.append(
-                (
-                    family,
-                    [0.0] + [r["level"] for r in rows],
-                    [clean] + [r["accuracy"] for r in rows],
-                )
-            )
+        lines = _curves(noise, "family", "level", clean)
         panels.append(("additive noise", "level (pixel scale; 0 = clean)", lines))
     rows = _corruption_rows(report)
     for category in CORRUPTION_CATEGORIES:
-        lines = []
-        for name in dict.fromkeys(
-            r["name"] for r in rows if _CATEGORY.get(r["name"]) == category
-        ):
-            mine = sorted(
-                (r for r in rows if r["name"] == name), key=lambda r: r["severity"]
-            )
-            lines.append(
-                (
-                    name,
-                    [0] + [r["severity"] for r in mine],
-                    [clean] + [r["accuracy"] for r in mine],
-                )
-            )
+        lines = _curves(
+            [r for r in rows if _CATEGORY.get(r["name"]) == category],
+            "name",
+            "severity",
+            clean,
+        )
         if lines:
             panels.append((f"corruptions: {category}", "severity (0 = clean)", lines))
     other = [r for r in rows if r["name"] not in _CATEGORY]
     if other:
-        lines = []
-        for name in dict.fromkeys(r["name"] for r in other):
-            mine = sorted(
-                (r for r in other if r["name"] == name), key=lambda r: r["severity"]
-            )
-            lines.append(
-                (
-                    name,
-                    [0] + [r["severity"] for r in mine],
-                    [clean] + [r["accuracy"] for r in mine],
-                )
-            )
+        lines = _curves(other, "name", "severity", clean)
         panels.append(("corruptions: other", "severity (0 = clean)", lines))
     attacks = (report.get("attacks") or {}).get("results") or []
     certified = (report.get("certified") or {}).get("results") or []

@@ -93,6 +93,34 @@ def _check_bool(caller: str, **flags: Any) -> None:
             raise TypeError(f"{caller}: {name} must be True or False, got {value!r}")
 
 
+def _loader_settings(
+    caller: str,
+    *,
+    batch_size: Any,
+    train_examples: Any,
+    validation_examples: Any,
+    seed: Any,
+    augment: Any,
+    drop_remainder: Any,
+) -> tuple[int, int | None, int, int]:
+    """Check the settings every loader shares; return them as plain ints.
+
+    # Returns
+        `(batch_size, train_examples, validation_examples, seed)`.
+    """
+    _check_int(caller, "batch_size", batch_size, 1)
+    _check_int(caller, "train_examples", train_examples, 1, allow_none=True)
+    _check_int(caller, "validation_examples", validation_examples, 0)
+    _check_int(caller, "seed", seed, 0)
+    _check_bool(caller, augment=augment, drop_remainder=drop_remainder)
+    return (
+        int(batch_size),
+        None if train_examples is None else int(train_examples),
+        int(validation_examples),
+        int(seed),
+    )
+
+
 # The submodules import the definitions above, so they are imported after them.
 from larq_lipschitz.data.cifar10 import (  # noqa: E402
     CIFAR10_CLASS_NAMES,

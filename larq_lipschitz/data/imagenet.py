@@ -21,8 +21,8 @@ import pathlib
 from larq_lipschitz.data import (
     DatasetNotPreparedError,
     DataSplits,
-    _check_bool,
     _check_int,
+    _loader_settings,
 )
 
 import tensorflow as tf
@@ -224,19 +224,16 @@ def load_imagenet2012(
     ```
     """
     caller = "load_imagenet2012"
-    _check_int(caller, "batch_size", batch_size, 1)
     _check_int(caller, "image_size", image_size, 1)
-    _check_int(caller, "train_examples", train_examples, 1, allow_none=True)
-    _check_int(caller, "validation_examples", validation_examples, 0)
-    _check_int(caller, "seed", seed, 0)
-    _check_bool(caller, augment=augment, drop_remainder=drop_remainder)
-    batch_size, validation_examples, seed = (
-        int(batch_size),
-        int(validation_examples),
-        int(seed),
+    batch_size, train_examples, validation_examples, seed = _loader_settings(
+        caller,
+        batch_size=batch_size,
+        train_examples=train_examples,
+        validation_examples=validation_examples,
+        seed=seed,
+        augment=augment,
+        drop_remainder=drop_remainder,
     )
-    if train_examples is not None:
-        train_examples = int(train_examples)
     image_size = int(image_size)
     import tensorflow_datasets as tfds
 
