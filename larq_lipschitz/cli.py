@@ -39,7 +39,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             "devices (TF_CONFIG: multi-worker; several GPUs: mirrored; else one device), "
             "evaluate on the test set clean and under Gaussian noise, and write "
             "results.json, model.keras, history.csv and TensorBoard logs into --output. "
-            "Rerunning the same command resumes an interrupted run."
+            "Rerunning the same command resumes an interrupted run (even after kill -9); "
+            "a finished run is not trained again. With the same --seed, a run on the same "
+            "machine and software gives the same weights bit for bit. Training stops with "
+            "an error naming the layer or batch where a NaN or Inf appeared."
         ),
     )
     p.add_argument(
@@ -76,6 +79,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="global batch size")
     p.add_argument("--learning-rate", type=float, default=5e-3)
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="decoupled weight decay (e.g. 1e-4 with --optimizer sgd, as in the papers)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--train-examples", type=int, default=None, help="cap on training images"
@@ -98,20 +107,34 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="synchronize BatchNorm across replicas (default: when more than one replica)",
     )
+    p.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TensorFlow op determinism, for bit-for-bit repeatable runs (default: on; "
+        "--no-deterministic can be faster on GPUs)",
+    )
     p.add_argument("--output", default="runs/demo", help="run folder")
     p.add_argument(
         "--force",
         action="store_true",
         help="retrain even if the run folder holds a finished run",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="only continue the run already in --output: refuse to start a new one "
+        "(rerunning the same command resumes anyway; this guards against a wrong path)",
+    )
     p.set_defaults(func=_cmd_train)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace):
+    """The `TrainConfig` of parsed `train` arguments."""
     from larq_lipschitz.evaluation import DEFAULT_NOISE_SIGMAS
-    from larq_lipschitz.training import TrainConfig, train
+    from larq_lipschitz.training import TrainConfig
 
-    config = TrainConfig(
+    return TrainConfig(
         model=args.model,
         dataset=args.dataset,
         data=args.data,
@@ -126,13 +149,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
         seed=args.seed,
         train_examples=args.train_examples,
         validation_examples=args.validation_examples,
         noise_sigmas=args.noise if args.noise is not None else DEFAULT_NOISE_SIGMAS,
         synchronized_bn=args.synchronized_bn,
     )
-    results = train(config, args.output, force=args.force)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from larq_lipschitz.training import train
+
+    config = _train_config(args)
+    if args.resume:
+        import pathlib
+
+        from larq_lipschitz import runs
+
+        if runs.check_reusable(pathlib.Path(args.output), config.to_dict()) == "new":
+            raise runs.RunError(
+                f"{args.output}: holds no run with this configuration to resume "
+                "(--resume); drop --resume to start a new run there."
+            )
+    results = train(
+        config, args.output, force=args.force, deterministic=args.deterministic
+    )
     print(f"run folder: {args.output}")
     print(f"clean test accuracy: {results['test_accuracy']:.4f}")
     for name, acc in results["noise_accuracy"].items():

@@ -4,28 +4,35 @@ A run folder holds everything one `larq-lipschitz train` produced:
 
 ```
 RUN_DIR/
-  results.json        configuration, metrics, timings, versions (written last, atomically)
-  model.keras         the final trained model
+  results.json        configuration, metrics, timings, versions, the command line and
+                      the data checksum (written last, atomically: the "finished" mark)
+  model.keras         the final trained model (atomically)
   run.json            the configuration (written once training is about to start)
   checkpoints/        model, optimizer and epoch counter after each finished epoch
-  history.csv         per-epoch metrics
-  logs/               TensorBoard event files
+  history.csv         per-epoch metrics (rewritten whole, atomically, every epoch)
+  logs/               TensorBoard event files (append-only logs)
+  .lock               held by the process that trains into the folder
 ```
 
-Every JSON file is written to a temporary file in the same folder and then renamed over
-the target, so a crash never leaves a half-written file behind.
+Every file but the TensorBoard logs is written to a temporary file in the same folder,
+flushed to disk and then renamed over the target, so a crash never leaves a half-written
+file behind (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import pathlib
 import platform
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from typing import Any
 
@@ -33,6 +40,9 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 MODEL_FILE = "model.keras"
+LOCK_FILE = ".lock"
+#: Temporary names of the atomic writers: `.NAME.RANDOM.tmp` and `.NAME.RANDOM.tmp.keras`.
+_TMP_MARK = ".tmp"
 #: Version of the layout of `results.json`; bumped when a field changes meaning.
 RESULTS_FORMAT = 1
 
@@ -76,6 +86,49 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: pathlib.Path) -> None:
+    """Make a rename in `folder` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save_model(model: Any, path: str | os.PathLike) -> None:
+    """Save a Keras model to `path` (`.keras`) so that readers see the old or the new file.
+
+    The model is saved to a temporary `.keras` file in the same folder, flushed to disk
+    and renamed over `path`.
+    """
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f"{_TMP_MARK}.keras", dir=path.parent
+    )
+    os.close(fd)
+    try:
+        model.save(tmp, overwrite=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_folder(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -98,6 +151,120 @@ def read_json(path: str | os.PathLike) -> dict:
         raise RunError(f"{path}: file not found.") from None
     except (OSError, json.JSONDecodeError) as err:
         raise RunError(f"{path}: cannot be read as JSON ({err}).") from None
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[str]:
+    """Delete what an earlier process killed mid-write left behind; return the names.
+
+    That is the temporary files of the atomic writers (hidden `.NAME.*.tmp*` files) in
+    the folder, folders set aside by `discard`, and the `*_temp` folders TensorFlow
+    writes a checkpoint into before it renames it, in `checkpoints/`. Call it only while
+    holding `run_lock`, so that no other process is writing.
+    """
+    run_dir = pathlib.Path(run_dir)
+    removed = []
+    candidates = list(run_dir.glob(".*")) + list(
+        (run_dir / "checkpoints").glob("*_temp")
+    )
+    for entry in candidates:
+        name = entry.name
+        stale = (
+            (name.startswith(".") and _TMP_MARK in name and entry.is_file())
+            or (name.startswith(".discarded-") and entry.is_dir())
+            or (name.endswith("_temp") and entry.is_dir())
+        )
+        if not stale:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(str(entry.relative_to(run_dir)))
+    if removed:
+        log.info("removed leftovers of an interrupted write: %s", ", ".join(removed))
+    return removed
+
+
+def discard(folder: str | os.PathLike) -> None:
+    """Remove `folder` so that an interruption never leaves part of it in place.
+
+    It is first renamed to a hidden `.discarded-*` sibling (one atomic step: the folder
+    is gone for every reader), then deleted; `remove_stale_temporaries` finishes the
+    deletion if the process is killed in between.
+    """
+    folder = pathlib.Path(folder)
+    if not folder.exists():
+        return
+    aside = folder.parent / f".discarded-{folder.name}-{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `RUN_DIR/.lock` while the body writes into the folder.
+
+    A second process that tries to train into the same folder meanwhile gets a
+    `RunError` instead of interleaving its files with the first one's. The lock is an
+    advisory `flock`: the operating system releases it when the process ends, however it
+    ends (a `kill -9` included), so a stale lock never blocks a rerun. Where `flock` is
+    not available (Windows, some network filesystems) the body runs unlocked, with a
+    warning on filesystems that refuse it.
+
+    # Raises
+        RunError: another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = pathlib.Path(run_dir) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            raise RunError(
+                f"{run_dir}: another process{f' (pid {holder})' if holder else ''} is "
+                "training into this folder; wait for it to end or choose another --output "
+                "folder."
+            ) from None
+        except OSError as err:
+            log.warning(
+                "%s: cannot be locked (%s); continuing without a lock", path, err
+            )
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def folder_sha256(folder: str | os.PathLike) -> str:
+    """One SHA-256 over every regular file below `folder`, in sorted path order.
+
+    Each file contributes its path relative to `folder` (UTF-8, then a zero byte), its
+    size as 8 little-endian bytes, and its bytes; hidden files are skipped.
+    """
+    folder = pathlib.Path(folder)
+    digest = hashlib.sha256()
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    for file in files:
+        digest.update(str(file.relative_to(folder).as_posix()).encode("utf-8") + b"\0")
+        digest.update(file.stat().st_size.to_bytes(8, "little"))
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -149,8 +316,14 @@ def load_results(run_dir: str | os.PathLike) -> dict:
     return results
 
 
-def check_reusable(run_dir: pathlib.Path, config: dict) -> str:
+def check_reusable(
+    run_dir: pathlib.Path, config: dict, defaults: Mapping[str, Any] | None = None
+) -> str:
     """Decide what to do with an existing run folder before training into it.
+
+    A setting missing from the folder's `run.json` (written by a version that did not
+    have it yet) counts as equal when the new configuration holds its default value
+    (`defaults`, by default `larq_lipschitz.training.config_defaults()`).
 
     # Returns
         `"new"` for an empty or absent folder, `"resume"` for an unfinished run with the
@@ -173,16 +346,26 @@ def check_reusable(run_dir: pathlib.Path, config: dict) -> str:
             "choose another --output folder."
         )
     previous = read_json(marker)
+    if defaults is None:
+        from larq_lipschitz.training import config_defaults
+
+        defaults = config_defaults()
+    wanted = _plain(config)
+    stored = previous.get("config")
+    if isinstance(stored, dict):
+        stored = {
+            **{k: v for k, v in _plain(dict(defaults)).items() if k in wanted},
+            **stored,
+        }
     trained = (run_dir / "checkpoints").is_dir() or (run_dir / RESULTS_FILE).is_file()
-    if previous.get("config") != _plain(config) and not trained:
+    if stored != wanted and not trained:
         return (
             "new"  # an earlier attempt stopped before its first epoch: nothing to keep
         )
-    if previous.get("config") != _plain(config):
+    if stored != wanted:
+        stored = stored if isinstance(stored, dict) else {}
         changed = sorted(
-            k
-            for k in set(previous.get("config", {})) | set(config)
-            if previous.get("config", {}).get(k) != _plain(config).get(k)
+            k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)
         )
         raise RunError(
             f"{run_dir}: holds a different run (settings that differ: {', '.join(changed)}); "

@@ -93,3 +93,51 @@ def test_lcr_without_a_usable_teacher_is_refused_up_front(tmp_path):
 def test_absurd_strength_is_refused():
     with pytest.raises(ValueError, match="not a plausible strength"):
         TrainConfig(strength=1e308)
+
+
+def test_results_record_how_to_rerun_the_run(trained_run, cifar_archive):
+    """Command line, seed, determinism, data checksum and versions are in results.json."""
+    import hashlib
+    import shlex
+
+    from larq_lipschitz import cli
+
+    out, config, results = trained_run
+    assert results["seed"] == 1 and results["deterministic"] is True
+    assert (
+        results["data_source"]["sha256"]
+        == hashlib.sha256(cifar_archive.read_bytes()).hexdigest()
+    )
+    assert results["data_source"]["path"] == str(cifar_archive.resolve())
+    words = shlex.split(results["command"]["shell"])
+    args = cli.build_parser().parse_args(words[1:])
+    assert cli._train_config(args).to_dict() == config.to_dict()
+    assert args.output == str(out.resolve())
+    assert results["versions"]["larq-lipschitz"] == larq_lipschitz.__version__
+
+
+def test_history_file_matches_the_results_and_no_temporary_file_is_left(trained_run):
+    import csv
+
+    out, _, results = trained_run
+    with open(out / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [float(r["loss"]) for r in rows] == results["history"]["loss"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]
+    with runs.run_lock(out):  # released when training ended
+        pass
+
+
+def test_a_folder_locked_by_another_trainer_is_refused_before_anything_is_written(
+    tmp_path, cifar_archive
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    config = TrainConfig(
+        data=str(cifar_archive), train_examples=64, batch_size=64, noise_sigmas=()
+    )
+    with runs.run_lock(out):
+        with pytest.raises(runs.RunError, match="is training into this folder"):
+            train(config, out)
+    assert [p.name for p in out.iterdir()] == [".lock"]
