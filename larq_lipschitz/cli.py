@@ -347,10 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_bounds(sub)
     _add_certify(sub)
-    from larq_lipschitz import cli_export, cli_reports
+    from larq_lipschitz import cli_export, cli_reports, cli_reproduce
 
     cli_reports.add_commands(sub)
     cli_export.add_commands(sub)
+    cli_reproduce.add_commands(sub)
     return parser
 
 
