@@ -207,24 +207,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _load_run(run_dir: str):
-    """The results and the trained model of a run folder."""
-    import pathlib
+    """The results and the trained model of a run folder, each checked."""
+    from larq_lipschitz.cli_reports import load_run
 
-    from larq_lipschitz import runs
-
-    import tensorflow as tf
-
-    results = runs.load_results(run_dir)
-    path = pathlib.Path(run_dir) / runs.MODEL_FILE
-    if not path.is_file():
-        raise runs.RunError(f"{path}: the run folder holds no trained model.")
-    try:
-        model = tf.keras.models.load_model(path, compile=False)
-    except (OSError, ValueError) as err:
-        raise runs.RunError(
-            f"{path}: cannot be loaded as a Keras model ({err})."
-        ) from None
-    return results, model
+    return load_run(run_dir)
 
 
 def _test_split(results: dict, batch_size: int = 200, data: str | None = None):
@@ -332,7 +318,9 @@ def _cmd_certify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from larq_lipschitz.cli_reports import OneLineParser
+
+    parser = OneLineParser(
         prog="larq-lipschitz",
         description="L1,inf Lipschitz control for binarized neural networks (Larq, Keras 2).",
     )

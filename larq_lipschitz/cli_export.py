@@ -43,6 +43,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "Needs `pip install larq-lipschitz[deploy]`."
         ),
     )
+    from larq_lipschitz.cli_reports import one_line_errors
+
+    one_line_errors(p)
     p.add_argument("run_dir", help="run folder written by `larq-lipschitz train`")
     p.add_argument(
         "--examples",
@@ -92,14 +95,17 @@ def _errors() -> tuple[type[BaseException], ...]:
 
 def _export(args: argparse.Namespace) -> int:
     from larq_lipschitz import export, runs
-    from larq_lipschitz.cli import _load_run, _test_split
+    from larq_lipschitz.cli import _test_split
+    from larq_lipschitz.cli_reports import load_run
 
-    bad = [s for s in args.noise if not math.isfinite(s) or s < 0]
+    bad = [s for s in args.noise if not math.isfinite(s) or not 0 <= s <= 1]
     if bad:
-        raise ValueError(f"--noise sigmas must be finite numbers >= 0, got {bad}.")
+        raise ValueError(
+            f"--noise sigmas must be finite numbers in [0, 1] (pixel scale), got {bad}."
+        )
     export._lce()  # fail before loading anything when LCE is missing
     run_dir = pathlib.Path(args.run_dir)
-    results, model = _load_run(run_dir)
+    results, model = load_run(run_dir)
     target = run_dir / TFLITE_FILE
     converted = export.convert(model, target)
     print(

@@ -13,6 +13,9 @@ that step and checks what came out of it:
   predicted classes, largest logit difference, both accuracies.
 - `evaluate_deployed(path, dataset, noise_sigmas)` measures the clean and Gaussian-noise
   accuracy of the converted model, with the noise of `larq_lipschitz.evaluation`.
+- `larq_lipschitz.robustness.run_suite(DeployedModel(path), ...)` runs the noise and
+  CIFAR-10-C suites on the converted model (`larq-lipschitz evaluate RUN_DIR
+  --deployed`); attacks and certificates need the Keras model.
 
 Which layers become binary operators (observed with LCE 0.16): a Larq `QuantConv2D`
 whose input *and* kernel are binarized (1/1 bits) becomes `LceBconv2d`, fed by an
@@ -47,7 +50,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from larq_lipschitz import evaluation, quantization, runs
+from larq_lipschitz import evaluation, perturbations, quantization, runs
 from larq_lipschitz.apply import binarized_layers
 
 import numpy as np
@@ -719,6 +722,7 @@ def _batches(dataset: Iterable, num_examples: int | None, caller: str):
         if num_examples is not None and seen + int(np.shape(images)[0]) > num_examples:
             keep = num_examples - seen
             images, labels = images[:keep], labels[:keep]
+        perturbations.check_pixels(images, caller, f"batch {index}")
         yield index, images, labels
         seen += int(np.shape(images)[0])
         if num_examples is not None and seen >= num_examples:
@@ -762,7 +766,8 @@ def verify(
         (`deployed_seconds`: interpreter wall time for all images).
 
     # Raises
-        ValueError: for an empty or unbatched dataset or a bad `num_examples`.
+        ValueError: for an empty or unbatched dataset, a bad `num_examples`, or a batch
+            with NaN, infinite or out-of-range pixels (named by batch and image).
 
     ```python
     report = verify(model, "resnet20.tflite", splits.test, num_examples=500)
@@ -844,7 +849,8 @@ def evaluate_deployed(
         time of the clean pass).
 
     # Raises
-        ValueError: for a bad sigma, an empty or unbatched dataset.
+        ValueError: for a bad sigma, an empty or unbatched dataset, or a batch with
+            NaN, infinite or out-of-range pixels (named by batch and image).
 
     ```python
     report = evaluate_deployed("resnet20.tflite", splits.test, (0.02, 0.05))
@@ -857,11 +863,12 @@ def evaluate_deployed(
         if isinstance(s, bool)
         or not isinstance(s, int | float | np.number)
         or not np.isfinite(s)
-        or s < 0
+        or not 0 <= s <= 1
     ]
     if bad:
         raise ValueError(
-            f"evaluate_deployed: noise sigmas must be finite numbers >= 0, got {bad}."
+            "evaluate_deployed: noise sigmas must be finite numbers in [0, 1] (pixel "
+            f"scale), got {bad}."
         )
     sigmas = [float(s) for s in sigmas]
     deployed = _as_deployed(path)

@@ -21,6 +21,7 @@ Contents:
   with the published CIFAR severities 1 to 5.
 - `perturbation_fn(name, severity_or_level, seed)`, a function for `Dataset.map`.
 - `load_cifar10_corrupted(name, severity, data_dir, batch_size)`, the released images.
+- `check_pixels(images, caller)`, a clear error for non-finite or out-of-range pixels.
 
 ```python
 import larq_lipschitz.perturbations as lp
@@ -55,6 +56,8 @@ __all__ = [
     "corrupt",
     "perturbation_fn",
     "load_cifar10_corrupted",
+    "check_pixels",
+    "PIXEL_TOLERANCE",
 ]
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -223,6 +226,60 @@ def _check_noise(family: str, level: float) -> float:
             f"add_noise: salt_and_pepper amount must be <= 1, got {level}."
         )
     return level
+
+
+#: How far outside [0, 1] a float pixel may lie (float rounding) before it is refused.
+PIXEL_TOLERANCE = 1e-5
+
+
+def check_pixels(images, caller: str, where: str = "") -> None:
+    """Raise `ValueError` unless a batch holds finite pixels in [0, 1].
+
+    Checked eagerly, on the batch as given (uint8 batches always pass): first that
+    every value is finite, then that every value lies in
+    `[-PIXEL_TOLERANCE, 1 + PIXEL_TOLERANCE]`. The message names the first offending
+    image of the batch, so that a NaN in a test set is reported as such, before it
+    reaches a model or a perturbation (whose own range assertion would fail with a
+    TensorFlow traceback).
+
+    # Arguments
+        images: a batch `(batch, height, width, channels)`, NumPy or tensor.
+        caller: the name to start the message with.
+        where: what the batch is, e.g. `"test batch 3"`, for the message.
+
+    # Raises
+        ValueError: for NaN or infinite values, or values outside [0, 1].
+
+    # Example
+    ```python
+    check_pixels(tf.random.uniform((2, 32, 32, 3)), "mine")  # passes
+    ```
+    """
+    x = tf.convert_to_tensor(images)
+    if x.dtype.is_integer or x.shape.rank is None or x.shape.rank < 1:
+        return
+    x = tf.cast(x, tf.float32)
+    at = f" {where}" if where else ""
+    axes = list(range(1, x.shape.rank))
+    finite = tf.reduce_all(tf.math.is_finite(x), axis=axes)
+    if not bool(tf.reduce_all(finite)):
+        first = int(tf.where(tf.logical_not(finite))[0][0])
+        bad = int(tf.size(x)) - int(tf.math.count_nonzero(tf.math.is_finite(x)))
+        raise ValueError(
+            f"{caller}:{at} image {first} holds NaN or infinite pixel values ({bad} in "
+            "the batch); clean the data first."
+        )
+    low, high = float(tf.reduce_min(x)), float(tf.reduce_max(x))
+    if low < -PIXEL_TOLERANCE or high > 1 + PIXEL_TOLERANCE:
+        inside = tf.reduce_all(
+            tf.logical_and(x >= -PIXEL_TOLERANCE, x <= 1 + PIXEL_TOLERANCE), axis=axes
+        )
+        first = int(tf.where(tf.logical_not(inside))[0][0])
+        raise ValueError(
+            f"{caller}:{at} image {first} has pixel values outside [0, 1] (the batch "
+            f"spans [{low:.4g}, {high:.4g}]); give pixels in [0, 1] (uint8 / 255), "
+            "before any normalization."
+        )
 
 
 def _check_seed(seed, caller: str):

@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -62,9 +61,13 @@ __all__ = [
     "CORRUPTION_CATEGORIES",
     "REPORT_FILE",
     "REPORT_FORMAT",
+    "DEPLOYED_REPORT_FILE",
+    "DEPLOYED_ATTACKS_NOTE",
+    "accuracy_differences",
     "run_suite",
     "corruption_errors",
     "read_robustness",
+    "report_files",
     "write_robustness",
 ]
 
@@ -110,6 +113,17 @@ REPORT_FILE = "robustness.json"
 CSV_FILE = "robustness.csv"
 SEVERITY_PLOT = "robustness_severity.png"
 CORRUPTION_PLOT = "robustness_corruptions.png"
+#: The files of a deployed model's report: never those of the Keras model's report.
+DEPLOYED_REPORT_FILE = "robustness_deployed.json"
+DEPLOYED_CSV_FILE = "robustness_deployed.csv"
+DEPLOYED_SEVERITY_PLOT = "robustness_deployed_severity.png"
+DEPLOYED_CORRUPTION_PLOT = "robustness_deployed_corruptions.png"
+#: Why a deployed model gets no attacks and no certificates.
+DEPLOYED_ATTACKS_NOTE = (
+    "gradient attacks need the gradients of the Keras model and certification its "
+    "layers, and a converted .tflite model has neither; attacks and certified accuracy "
+    "run on the Keras model only (evaluate without --deployed)"
+)
 #: Version of the layout of `robustness.json`.
 REPORT_FORMAT = 1
 CSV_FIELDS = ("family", "name", "severity", "accuracy")
@@ -179,6 +193,11 @@ def _noise_settings(noise_levels, seed: int) -> list[tuple[dict, Callable]]:
             raise ValueError(f"run_suite: no noise levels given for {family!r}.")
         for level in values:
             fn = perturbations.perturbation_fn(family, level, seed)  # checks the level
+            if float(level) > 1:
+                raise ValueError(
+                    f"run_suite: {family} noise level must be in [0, 1] pixel scale, "
+                    f"got {level!r}."
+                )
             settings.append(({"family": family, "level": float(level)}, fn))
     return settings
 
@@ -243,9 +262,20 @@ def _check_arguments(
     epsilons=DEFAULT_EPSILONS,
     attack_steps: int = 10,
     attack_restarts: int = 1,
+    deployed: bool = False,
 ) -> dict:
-    """Every argument of `run_suite` that does not need the data, checked and normalized."""
+    """Every argument of `run_suite` that does not need the data, checked and normalized.
+
+    For a deployed model the attack suite is refused and `"all"` means noise and
+    corruptions (`DEPLOYED_ATTACKS_NOTE` says why).
+    """
     sections = _check_suite(suite)
+    if deployed and sections == ("attacks",):
+        raise ValueError(
+            f"run_suite: suite 'attacks' on a deployed model: {DEPLOYED_ATTACKS_NOTE}."
+        )
+    if deployed:
+        sections = tuple(name for name in sections if name != "attacks")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise ValueError(f"run_suite: seed must be an integer, got {seed!r}.")
     seed = int(seed)
@@ -345,6 +375,53 @@ def _prepare(dataset, num_examples: int | None, batch_size: int | None):
     return dataset.prefetch(tf.data.AUTOTUNE), image_shape, bool(cache)
 
 
+def _is_deployed(model) -> bool:
+    """Whether `model` is an `export.DeployedModel` (a flatbuffer run by LCE)."""
+    if isinstance(model, tf.keras.Model):
+        return False
+    from larq_lipschitz.export import DeployedModel
+
+    return isinstance(model, DeployedModel)
+
+
+def _expected_image_shape(model) -> tuple | None:
+    """The `(height, width, channels)` a model takes, None where it does not say."""
+    try:
+        shape = model.input_shape
+    except (AttributeError, RuntimeError, ValueError):  # a subclassed model, unbuilt
+        return None
+    if not isinstance(shape, tuple) or len(shape) < 2:
+        return None  # several inputs, or none
+    return tuple(shape[1:])
+
+
+def _check_image_shape(model, image_shape: tuple) -> None:
+    expected = _expected_image_shape(model)
+    if expected is None:
+        return
+    fits = len(expected) == len(image_shape) and all(
+        e is None or e == d for e, d in zip(expected, image_shape, strict=True)
+    )
+    if not fits:
+        wanted = ", ".join("any" if d is None else str(d) for d in expected)
+        raise ValueError(
+            f"run_suite: the model takes images of shape ({wanted}), but the test "
+            f"dataset holds images of shape {tuple(image_shape)}."
+        )
+
+
+def _deployed_classifier(deployed):
+    """`count(images, labels) -> (hits, n)` through LCE's interpreter, eagerly."""
+
+    def count(images, labels):
+        scores = deployed.predict(np.asarray(images))
+        predicted = np.argmax(scores, axis=-1)
+        labels = np.asarray(labels).reshape(-1)
+        return int(np.sum(predicted == labels)), int(labels.size)
+
+    return count
+
+
 def _classifier(model: tf.keras.Model, image_shape: tuple):
     @tf.function(
         input_signature=[
@@ -361,9 +438,11 @@ def _classifier(model: tf.keras.Model, image_shape: tuple):
     return count
 
 
-def _count_pass(count, dataset) -> tuple[int, int]:
+def _count_pass(count, dataset, check_pixels: bool = False) -> tuple[int, int]:
     correct = total = 0
-    for images, labels in dataset:
+    for index, (images, labels) in enumerate(dataset):
+        if check_pixels:
+            perturbations.check_pixels(images, "run_suite", f"test batch {index}")
         hits, n = count(images, labels)
         correct += int(hits)
         total += int(n)
@@ -707,9 +786,22 @@ def run_suite(
     `certify` is a lower bound. When `certify` cannot handle a layer of the model the
     report's `certified` section holds `supported: False` and the reason.
 
+    A deployed model (`export.DeployedModel`, a `.tflite` flatbuffer run by Larq Compute
+    Engine's interpreter) is evaluated the same way, on the same perturbed batches, for
+    the noise and corruption suites; attacks need gradients and certification needs the
+    Keras layers, so the attack suite is refused for it and `"all"` leaves the attacks
+    out (`attacks` then holds `{"skipped": DEPLOYED_ATTACKS_NOTE, "results": []}`). The
+    interpreter runs the flatbuffer's fixed batch size (1 for the registry models) on
+    the CPU: expect it to be much slower than the Keras model.
+
+    The test images are checked in the first clean pass: a batch with NaN or infinite
+    values, or values outside [0, 1], is refused with a `ValueError` naming the batch
+    and image; so is a dataset whose image shape is not the one the model takes.
+
     # Arguments
         model: a Keras classifier taking [0, 1] pixels (normalization inside the model)
-            and returning (batch, classes) logits or probabilities.
+            and returning (batch, classes) logits or probabilities, or an
+            `export.DeployedModel` of one.
         test_dataset: `tf.data.Dataset` of `(images, labels)`, batched or not; images
             float in [0, 1] or uint8, labels class indices or one-hot.
         suite: `"noise"`, `"corruptions"`, `"attacks"` or `"all"`.
@@ -734,7 +826,9 @@ def run_suite(
             evaluated setting.
 
     # Returns
-        A dict of plain Python values: `format`, `suite`, `seed`, `num_examples`,
+        A dict of plain Python values: `format`, `suite`, `evaluated` (`{"kind":
+        "keras", "name": model name}` or `{"kind": "deployed", "path": .tflite path,
+        "bytes": its size, "batch_size": the flatbuffer's}`), `seed`, `num_examples`,
         `batch_size`, `clean_accuracy`, and the sections `noise`, `corruptions`,
         `attacks`, `certified` (None when not in the suite), and `timing` with the wall
         time and images of each section, the plain-inference rate and
@@ -742,9 +836,11 @@ def run_suite(
 
     # Raises
         ValueError: for an unknown suite, noise family, corruption, a severity outside
-            1..5, an invalid level, epsilon or count, corruptions of images that are not
-            32 x 32 RGB, or an empty dataset. Every argument is checked before any image
-            is classified.
+            1..5, an invalid level (noise levels lie in [0, 1]), epsilon or count,
+            corruptions of images that are not 32 x 32 RGB, the attack suite of a
+            deployed model, images of another shape than the model takes, non-finite
+            or out-of-range pixels, or an empty dataset. Every argument is checked
+            before any image is classified.
 
     # Example
     ```python
@@ -752,8 +848,10 @@ def run_suite(
     print(report["corruptions"]["mean_corruption_accuracy"])
     ```
     """
+    deployed = _is_deployed(model)
     checked = _check_arguments(
         suite,
+        deployed=deployed,
         seed=seed,
         num_examples=num_examples,
         batch_size=batch_size,
@@ -773,6 +871,7 @@ def run_suite(
     released = cifar10_corrupted_dir is not None
 
     base, image_shape, cached = _prepare(test_dataset, num_examples, batch_size)
+    _check_image_shape(model, image_shape)
     skipped_corruptions = None
     if names and not released and image_shape != (32, 32, 3):
         reason = (
@@ -788,11 +887,21 @@ def run_suite(
     if "attacks" in sections:
         steps += 2 * len(epsilons) + (1 if certified else 0)
     clock = _Clock(steps, progress)
-    count = _classifier(model, image_shape)
+    if deployed:
+        count = _deployed_classifier(model)
+        evaluated = {
+            "kind": "deployed",
+            "path": str(model.path),
+            "bytes": model.size_bytes,
+            "batch_size": model.batch_size,
+        }
+    else:
+        count = _classifier(model, image_shape)
+        evaluated = {"kind": "keras", "name": getattr(model, "name", None)}
     suite_start = time.perf_counter()
 
     start = time.perf_counter()
-    correct, n = _count_pass(count, base)
+    correct, n = _count_pass(count, base, check_pixels=True)
     if n == 0:
         raise ValueError("run_suite: the test dataset is empty.")
     clean = correct / n
@@ -813,6 +922,7 @@ def run_suite(
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "suite": suite,
+        "evaluated": evaluated,
         "seed": seed,
         "num_examples": n,
         "batch_size": batch_size,
@@ -847,6 +957,8 @@ def run_suite(
         )
         if certified:
             report["certified"] = _run_certify(model, base, epsilons, n, clock)
+    elif deployed and suite == "all":
+        report["attacks"] = {"skipped": DEPLOYED_ATTACKS_NOTE, "results": []}
 
     suite_seconds = time.perf_counter() - suite_start
     rate = n / plain_seconds if plain_seconds > 0 else float("inf")
@@ -963,15 +1075,46 @@ def corruption_errors(report: Mapping, reference: Mapping) -> dict:
     }
 
 
-def read_robustness(path: str | os.PathLike) -> dict:
-    """Read a `robustness.json`, given the file or the run folder that holds it.
+def _is_deployed_report(report: Mapping) -> bool:
+    return (report.get("evaluated") or {}).get("kind") == "deployed"
+
+
+def report_files(report: Mapping) -> dict[str, str]:
+    """The file names `write_robustness` uses for a report.
+
+    `robustness.json`, `.csv`, `_severity.png`, `_corruptions.png` for a Keras model;
+    `robustness_deployed.json`, ... for a deployed one, so that evaluating the shipped
+    model never replaces the Keras model's report.
+    """
+    if _is_deployed_report(report):
+        return {
+            "json": DEPLOYED_REPORT_FILE,
+            "csv": DEPLOYED_CSV_FILE,
+            "severity_png": DEPLOYED_SEVERITY_PLOT,
+            "corruptions_png": DEPLOYED_CORRUPTION_PLOT,
+        }
+    return {
+        "json": REPORT_FILE,
+        "csv": CSV_FILE,
+        "severity_png": SEVERITY_PLOT,
+        "corruptions_png": CORRUPTION_PLOT,
+    }
+
+
+def read_robustness(path: str | os.PathLike, *, deployed: bool = False) -> dict:
+    """Read a robustness report, given the file or the run folder that holds it.
+
+    # Arguments
+        path: a report file, or a run folder: then its `robustness.json`, or with
+            `deployed` its `robustness_deployed.json`.
+        deployed: which report of a run folder to read.
 
     # Raises
         runs.RunError: when the file is missing, unreadable or of another format.
     """
     path = pathlib.Path(path)
     if path.is_dir():
-        path = path / REPORT_FILE
+        path = path / (DEPLOYED_REPORT_FILE if deployed else REPORT_FILE)
     data = runs.read_json(path)
     if data.get("format") != REPORT_FORMAT or "clean_accuracy" not in data:
         raise runs.RunError(
@@ -979,6 +1122,53 @@ def read_robustness(path: str | os.PathLike) -> dict:
             f"(format {data.get('format')!r}, this one reads {REPORT_FORMAT})."
         )
     return data
+
+
+def accuracy_differences(report: Mapping, other: Mapping) -> dict | None:
+    """Setting by setting, how the accuracies of two reports differ (`report - other`).
+
+    Meant for a deployed model's report against its Keras model's: with the same seed,
+    batch size and images, both saw exactly the same perturbed batches, so every
+    difference comes from the conversion (a sign flipped by float rounding, see
+    `export.verify`). Reports of other images are not compared.
+
+    # Returns
+        None when the two reports differ in `seed`, `batch_size` or `num_examples`, or
+        share no setting; else `{"settings": n, "clean": difference, "max_abs": largest
+        |difference|, "mean_abs": mean |difference|, "worst": {"family", "name",
+        "severity", "difference"}}` over the clean accuracy and every noise and
+        corruption setting present in both.
+    """
+    for key in ("seed", "batch_size", "num_examples"):
+        if report.get(key) != other.get(key):
+            return None
+
+    def settings(rep: Mapping) -> dict[tuple, float]:
+        return {
+            (r["family"], r["name"], float(r["severity"])): float(r["accuracy"])
+            for r in csv_rows(rep)
+            if r["family"] in ("clean", "noise", "corruption")
+        }
+
+    mine, theirs = settings(report), settings(other)
+    shared = [key for key in mine if key in theirs]
+    if not shared:
+        return None
+    differences = {key: mine[key] - theirs[key] for key in shared}
+    worst = max(shared, key=lambda key: abs(differences[key]))
+    absolute = [abs(d) for d in differences.values()]
+    return {
+        "settings": len(shared),
+        "clean": differences.get(("clean", "clean", 0.0)),
+        "max_abs": max(absolute),
+        "mean_abs": float(np.mean(absolute)),
+        "worst": {
+            "family": worst[0],
+            "name": worst[1],
+            "severity": worst[2],
+            "difference": differences[worst],
+        },
+    }
 
 
 def csv_rows(report: Mapping) -> list[dict]:
@@ -1037,14 +1227,7 @@ def csv_rows(report: Mapping) -> list[dict]:
 
 
 def _write_bytes(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    runs.atomic_write_bytes(path, data)  # temporary file, renamed; the usual file mode
 
 
 def _png(fig) -> bytes:
@@ -1135,8 +1318,12 @@ def _severity_figure(report: Mapping):
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small", loc="best")
+    what = ""
+    if _is_deployed_report(report):
+        what = f"deployed {pathlib.Path(report['evaluated']['path']).name}: "
     fig.suptitle(
-        f"accuracy vs severity ({report['num_examples']} test images, clean {clean:.3f})",
+        f"{what}accuracy vs severity ({report['num_examples']} test images, clean "
+        f"{clean:.3f})",
         fontsize="medium",
     )
     fig.tight_layout()
@@ -1183,6 +1370,8 @@ def _corruption_figure(report: Mapping, errors: Mapping | None):
         xlabel += "; * held-out corruption, not in the mean"
     ax.set_xlabel(xlabel)
     title = f"CIFAR-10-C ({section['source']})"
+    if _is_deployed_report(report):
+        title = f"deployed {pathlib.Path(report['evaluated']['path']).name}: " + title
     missing = section.get("missing_standard") or {}
     if missing:
         title += "; not evaluated: " + ", ".join(missing)
@@ -1200,6 +1389,11 @@ def write_robustness(
     reference: Mapping | str | os.PathLike | None = None,
 ) -> dict[str, pathlib.Path]:
     """Write `robustness.json`, `robustness.csv` and the plots of a report into `run_dir`.
+
+    A deployed model's report (see `run_suite`) goes to `robustness_deployed.json`,
+    `robustness_deployed.csv`, `robustness_deployed_severity.png` and
+    `robustness_deployed_corruptions.png` instead (`report_files`); the Keras model's
+    files are left alone.
 
     - `robustness.json`: the report, plus `reference` (where the reference came from and
       its clean accuracy), `corruption_error` {corruption: CE_c}, `mce` and `mce_over`
@@ -1269,17 +1463,18 @@ def write_robustness(
             )
     out = pathlib.Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / REPORT_FILE, "csv": out / CSV_FILE}
+    names = report_files(report)
+    paths = {"json": out / names["json"], "csv": out / names["csv"]}
 
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(csv_rows(report))
 
-    figures = {"severity_png": (out / SEVERITY_PLOT, _severity_figure(report))}
+    figures = {"severity_png": (out / names["severity_png"], _severity_figure(report))}
     if _corruption_rows(report):
         figures["corruptions_png"] = (
-            out / CORRUPTION_PLOT,
+            out / names["corruptions_png"],
             _corruption_figure(report, errors),
         )
     images = {key: (path, _png(fig)) for key, (path, fig) in figures.items()}

@@ -129,6 +129,9 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
+        from larq_lipschitz.models import registry
+
+        registry.entry(self.model)  # an unknown model name fails before any data loads
         if self.regularizer not in CONTROLS:
             raise ValueError(
                 f"unknown regularizer {self.regularizer!r}; available: {', '.join(CONTROLS)}."

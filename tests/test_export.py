@@ -15,7 +15,15 @@ import pathlib
 import sys
 
 import larq_lipschitz  # noqa: F401  (selects Keras 2 before TensorFlow loads)
-from larq_lipschitz import cli, evaluation, export, models, perturbations, runs
+from larq_lipschitz import (
+    cli,
+    evaluation,
+    export,
+    models,
+    perturbations,
+    robustness,
+    runs,
+)
 from larq_lipschitz.data import load_cifar10
 
 import larq as lq
@@ -290,7 +298,7 @@ def test_evaluate_deployed_against_reference(tiny, cifar):
     keras = evaluation.noise_report(model, cifar["test_batches"], sigmas, seed=3)
     for key in ("clean", "gaussian_0.3"):
         assert abs(keras[key] - report[key]) <= 3 / NUM_IMAGES, key
-    with pytest.raises(ValueError, match="sigmas must be finite numbers >= 0"):
+    with pytest.raises(ValueError, match=r"sigmas must be finite numbers in \[0, 1\]"):
         export.evaluate_deployed(path, cifar["test_batches"], (-0.1,))
 
 
@@ -400,7 +408,7 @@ def test_cli_export_errors(tiny, cifar_archive, tmp_path, capsys, monkeypatch):
     assert "no such run folder" in capsys.readouterr().err
 
     assert cli.main(["export", str(run), "--noise", "0.05,-1"]) == 2
-    assert "--noise sigmas must be finite numbers >= 0" in capsys.readouterr().err
+    assert "--noise sigmas must be finite numbers in [0, 1]" in capsys.readouterr().err
     assert not (run / "model.tflite").exists()
 
     monkeypatch.setitem(sys.modules, "larq_compute_engine", None)
@@ -412,3 +420,124 @@ def test_cli_export_errors(tiny, cifar_archive, tmp_path, capsys, monkeypatch):
 
     with pytest.raises(SystemExit):
         cli.main(["export", str(run), "--examples", "0"])
+
+
+# ------------------------------------------------------------------------------------
+# The robustness suite on the deployed model
+# ------------------------------------------------------------------------------------
+
+
+def test_run_suite_on_the_deployed_model_matches_a_direct_evaluation(tiny, cifar):
+    model, _, path = tiny
+    deployed = export.DeployedModel(path)
+    settings = dict(
+        seed=5,
+        num_examples=200,
+        batch_size=100,
+        noise_levels={"gaussian": (0.1,)},
+        corruptions=("contrast", "gaussian_noise"),
+        severities=(1, 5),
+    )
+    report = robustness.run_suite(deployed, cifar["test_batches"], "all", **settings)
+    assert report["evaluated"] == {
+        "kind": "deployed",
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "batch_size": 1,
+    }
+    assert report["attacks"]["skipped"] == robustness.DEPLOYED_ATTACKS_NOTE
+    assert report["attacks"]["results"] == [] and report["certified"] is None
+    # Reference: each batch perturbed here with its batch index, predicted by the
+    # interpreter, hits counted in NumPy.
+    images, labels = cifar["test"]
+
+    def direct(name, level) -> float:
+        fn = perturbations.perturbation_fn(name, level, 5)
+        hits = 0
+        for i in range(2):
+            x = images[100 * i : 100 * (i + 1)]
+            y = labels[100 * i : 100 * (i + 1)]
+            noisy = fn(tf.constant(x), batch_index=tf.constant(i, tf.int64)).numpy()
+            hits += int(np.sum(deployed.predict(noisy).argmax(1) == y))
+        return hits / 200
+
+    clean = np.mean(deployed.predict(images[:200]).argmax(1) == labels[:200])
+    assert report["clean_accuracy"] == clean
+    assert report["noise"]["results"][0]["accuracy"] == direct("gaussian", 0.1)
+    for row in report["corruptions"]["results"]:
+        assert row["accuracy"] == direct(row["name"], row["severity"]), row
+    # The Keras model on the same perturbed images: only sign flips may differ.
+    keras = robustness.run_suite(
+        model, cifar["test_batches"], "corruptions", **settings
+    )
+    differences = robustness.accuracy_differences(report, keras)
+    assert differences["settings"] == 1 + 4
+    assert differences["max_abs"] <= 3 / 200
+    with pytest.raises(ValueError, match="suite 'attacks' on a deployed model"):
+        robustness.run_suite(deployed, cifar["test_batches"], "attacks")
+
+
+def test_evaluate_deployed_command_end_to_end(
+    tiny, cifar, cifar_archive, tmp_path, capsys
+):
+    model, _, _ = tiny
+    run = _fake_run(tmp_path / "run", model, cifar_archive)
+    common = ["--examples", "100", "--batch-size", "50", "--corruptions", "contrast"]
+    common += ["--severities", "1,3"]
+    assert cli.main(["export", str(run), "--examples", "100"]) == 0
+    assert cli.main(["evaluate", str(run), "--suite", "corruptions", *common]) == 0
+    keras_files = {
+        name: (run / name).read_bytes()
+        for name in os.listdir(run)
+        if name.startswith("robustness")
+    }
+    assert set(keras_files) == {
+        "robustness.json",
+        "robustness.csv",
+        "robustness_severity.png",
+        "robustness_corruptions.png",
+    }
+    capsys.readouterr()
+    argv = ["evaluate", str(run), "--deployed", *common, "--gaussian", "0.05"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    # The Keras model's report is untouched; the deployed one has its own files.
+    for name, content in keras_files.items():
+        assert (run / name).read_bytes() == content, name
+    data = json.loads((run / "robustness_deployed.json").read_text())
+    assert data["evaluated"]["kind"] == "deployed"
+    assert data["evaluated"]["path"] == str(run / "model.tflite")
+    assert data["suite"] == "all" and data["num_examples"] == 100
+    assert data["attacks"]["skipped"] and data["certified"] is None
+    assert [r["severity"] for r in data["corruptions"]["results"]] == [1, 3]
+    # Its clean accuracy is the interpreter's on the same 100 images.
+    direct = export.evaluate_deployed(
+        run / "model.tflite", cifar["test_batches"], (), num_examples=100
+    )
+    assert data["clean_accuracy"] == direct["clean"]
+    comparison = data["keras_comparison"]
+    assert comparison["source"] == str(run / "robustness.json")
+    assert comparison["settings"] == 1 + 2  # clean, contrast 1 and 3
+    assert comparison["max_abs"] <= 3 / 100
+    rows = (run / "robustness_deployed.csv").read_text().splitlines()
+    assert rows[0] == "family,name,severity,accuracy"
+    assert len(rows) == 1 + 1 + 7 + 2  # clean, 1 + 3 + 3 noise levels, 2 severities
+    for name in (
+        "robustness_deployed_severity.png",
+        "robustness_deployed_corruptions.png",
+    ):
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "attacks and certified accuracy not run" in printed
+    assert "deployed - Keras accuracy over 3 settings" in printed
+    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+
+    # An explicit flatbuffer elsewhere, a noise-only suite: the report is replaced.
+    elsewhere = tmp_path / "shipped.tflite"
+    elsewhere.write_bytes((run / "model.tflite").read_bytes())
+    argv = ["evaluate", str(run), "--deployed", str(elsewhere), "--suite", "noise"]
+    assert cli.main([*argv, "--examples", "50", "--gaussian", "0.1"]) == 0
+    data = json.loads((run / "robustness_deployed.json").read_text())
+    assert data["evaluated"]["path"] == str(elsewhere) and data["corruptions"] is None
+    assert data["keras_comparison"] is None  # other images than robustness.json's
+    for name, content in keras_files.items():
+        assert (run / name).read_bytes() == content, name

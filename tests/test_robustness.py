@@ -21,6 +21,8 @@ import larq as lq
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 RECORD = 1 + 32 * 32 * 3
 BATCH = 50
@@ -417,6 +419,102 @@ def test_a_report_without_corruptions_writes_no_bar_chart(model, cifar, tmp_path
     assert not (tmp_path / "other").exists()
 
 
+def test_a_deployed_report_gets_its_own_files(report, tmp_path):
+    keras_files = robustness.write_robustness(report, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    shipped = {
+        **report,
+        "evaluated": {"kind": "deployed", "path": "/x/model.tflite", "bytes": 9},
+        "attacks": {"skipped": robustness.DEPLOYED_ATTACKS_NOTE, "results": []},
+        "certified": None,
+    }
+    paths = robustness.write_robustness(shipped, tmp_path)
+    assert {p.name for p in paths.values()} == {
+        "robustness_deployed.json",
+        "robustness_deployed.csv",
+        "robustness_deployed_severity.png",
+        "robustness_deployed_corruptions.png",
+    }
+    # The Keras model's report is untouched, byte for byte.
+    assert {p.name: p.read_bytes() for p in keras_files.values()} == {
+        name: before[name] for name in (p.name for p in keras_files.values())
+    }
+    read = robustness.read_robustness(tmp_path, deployed=True)
+    assert read["evaluated"]["kind"] == "deployed"
+    assert robustness.read_robustness(tmp_path)["evaluated"]["kind"] == "keras"
+    rows = paths["csv"].read_text().splitlines()
+    assert len(rows) == 1 + 1 + 3 + 9  # no attack or certified rows
+    assert not any(",fgsm," in r or ",ibp," in r for r in rows)
+
+
+def _settings_report(clean, noise, corruptions, **extra) -> dict:
+    return {
+        "format": robustness.REPORT_FORMAT,
+        "seed": 0,
+        "batch_size": 50,
+        "num_examples": 200,
+        "clean_accuracy": clean,
+        "noise": {
+            "results": [
+                {"family": "gaussian", "level": lv, "accuracy": a}
+                for lv, a in noise.items()
+            ]
+        },
+        "corruptions": {
+            "results": [
+                {"name": n, "severity": s, "accuracy": a}
+                for (n, s), a in corruptions.items()
+            ]
+        },
+        **extra,
+    }
+
+
+def test_accuracy_differences_setting_by_setting():
+    rng = np.random.default_rng(3)
+    noise = {0.05: rng.random(), 0.1: rng.random()}
+    corr = {("fog", s): rng.random() for s in (1, 3)}
+    keras = _settings_report(0.5, noise, corr)
+    shifted_noise = {0.05: noise[0.05] - 0.01, 0.1: noise[0.1]}
+    shifted_corr = {("fog", 1): corr[("fog", 1)] + 0.04, ("fog", 3): corr[("fog", 3)]}
+    shifted_corr[("contrast", 2)] = 0.3  # only in one report: not compared
+    deployed = _settings_report(0.49, shifted_noise, shifted_corr)
+    out = robustness.accuracy_differences(deployed, keras)
+    expected = np.array([-0.01, -0.01, 0.0, 0.04, 0.0])  # clean, 2 noise, 2 fog
+    assert out["settings"] == 5
+    assert out["clean"] == pytest.approx(-0.01)
+    assert out["max_abs"] == pytest.approx(0.04)
+    assert out["mean_abs"] == pytest.approx(np.abs(expected).mean())
+    assert out["worst"]["name"] == "fog" and out["worst"]["severity"] == 1
+    assert out["worst"]["difference"] == pytest.approx(0.04)
+    for key, value in (("seed", 1), ("batch_size", 100), ("num_examples", 10)):
+        other = {**keras, key: value}
+        assert robustness.accuracy_differences(deployed, other) is None, key
+
+
+@given(
+    index=st.integers(0, 5),
+    bad=st.sampled_from([np.nan, np.inf, -np.inf, 1.01, -0.2, 255.0]),
+    edge=st.sampled_from([0.0, 1.0, 1 + 5e-6, -5e-6]),
+)
+@settings(max_examples=25, deadline=None)
+def test_check_pixels_names_the_first_bad_image(index, bad, edge):
+    x = np.random.default_rng(index).random((6, 4, 4, 3)).astype(np.float32)
+    x[0, 0, 0, 0] = edge  # within float tolerance of [0, 1]: accepted
+    perturbations.check_pixels(x, "mine", "batch 2")
+    x[index, 1, 2, 0] = bad
+    if index < 5:
+        x[5, 0, 0, 1] = bad  # a later bad image is not the one named
+    finite = bool(np.isfinite(bad))
+    kind = "has pixel values outside [0, 1]" if finite else "holds NaN or infinite"
+    with pytest.raises(ValueError, match=r"^mine: batch 2 image \d+ ") as info:
+        perturbations.check_pixels(tf.constant(x), "mine", "batch 2")
+    message = str(info.value)
+    assert f"image {index} " in message and kind in message
+    assert len(message.splitlines()) == 1
+    perturbations.check_pixels(np.full(x.shape, 255, np.uint8), "mine")  # uint8 passes
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -430,6 +528,10 @@ def test_a_report_without_corruptions_writes_no_bar_chart(model, cifar, tmp_path
         ({"suite": "corruptions", "severities": [6]}, "severity"),
         ({"suite": "noise", "noise_levels": {"pink": [0.1]}}, "unknown noise family"),
         ({"suite": "noise", "noise_levels": {"gaussian": [-0.1]}}, "level"),
+        (
+            {"suite": "noise", "noise_levels": {"uniform": [0.1, 1.5]}},
+            r"uniform noise level must be in \[0, 1\] pixel scale, got 1.5",
+        ),
         ({"suite": "attacks", "epsilons": [2.0]}, "epsilon"),
         ({"suite": "all", "num_examples": 0}, "num_examples"),
     ],

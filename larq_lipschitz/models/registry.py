@@ -14,15 +14,23 @@ Bit widths are written W/A (weights/activations). Supported everywhere: 1/1 (bin
 kernel and binary input of every binarized layer), 1/32 (binary kernel, real input) and
 32/32 (no quantizer). First and last layers are always full precision. Parameter
 counts are trainable parameters at 32x32 inputs and 10 classes.
+
+`load_saved(path)` loads a saved model back with the checks a file from elsewhere
+needs (intact zip, Keras 2, loadable, finite weights), each failure one line naming the
+file (`ModelFileError`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import numbers
 import os
+import pathlib
 import re
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +38,7 @@ from larq_lipschitz.apply import binarized_layers
 from larq_lipschitz.models import cifar, zoo
 
 import larq as lq
+import numpy as np
 import tensorflow as tf
 
 log = logging.getLogger(__name__)
@@ -576,3 +585,149 @@ def describe(
             }
         )
     return rows
+
+
+# --------------------------------------------------------------------------------------
+# Loading a saved model
+# --------------------------------------------------------------------------------------
+
+
+class ModelFileError(ValueError):
+    """A saved model file is corrupt, foreign, or holds weights that are not finite."""
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def _check_keras_archive(path: pathlib.Path) -> None:
+    """Refuse a `.keras` file that is not an intact zip of a Keras 2 model."""
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(
+            f"{path}: not a valid .keras model file (no zip directory: the file is "
+            "truncated or corrupt); copy or save it again."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every member and checks its CRC
+            names = set(archive.namelist())
+            metadata = (
+                archive.read("metadata.json") if "metadata.json" in names else None
+            )
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise ModelFileError(
+            f"{path}: the model file is corrupt ({_first_line(err)}); copy or save it "
+            "again."
+        ) from None
+    if damaged is not None:
+        raise ModelFileError(
+            f"{path}: the model file is corrupt (member {damaged} fails its CRC check); "
+            "copy or save it again."
+        )
+    if "config.json" not in names:
+        raise ModelFileError(
+            f"{path}: not a Keras model file (the zip holds no config.json)."
+        )
+    try:
+        version = str(json.loads(metadata or b"{}").get("keras_version", ""))
+    except (ValueError, AttributeError):
+        version = ""
+    if version and not version.startswith("2."):
+        raise ModelFileError(
+            f"{path}: saved by Keras {version}, but larq-lipschitz runs on Keras 2 "
+            "(tf-keras 2.x) and cannot load it; save the model with tf-keras, or "
+            "retrain it with this package."
+        )
+
+
+def _layers_of(model: tf.keras.Model) -> list[tf.keras.layers.Layer]:
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.Model):
+            found.extend(_layers_of(layer))
+        else:
+            found.append(layer)
+    return found
+
+
+def check_finite_weights(model: tf.keras.Model, where: str = "") -> None:
+    """Raise `ModelFileError` naming the first layer whose weights are not all finite.
+
+    Every weight counts, BatchNorm moving statistics included: a NaN moving variance
+    makes every prediction NaN as surely as a NaN kernel does.
+
+    # Arguments
+        model: a built Keras model.
+        where: what to name at the start of the message (e.g. the model's file).
+
+    # Raises
+        ModelFileError: a weight holds NaN or infinite values.
+
+    # Example
+    ```python
+    check_finite_weights(get("resnet20"))  # a fresh model passes
+    ```
+    """
+    prefix = f"{where}: " if where else ""
+    for layer in _layers_of(model):
+        for weight in layer.weights:
+            values = np.asarray(weight.numpy())
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                raise ModelFileError(
+                    f"{prefix}layer {layer.name!r} holds {bad} NaN or infinite values "
+                    f"in {weight.name} (of {values.size}); a model whose training "
+                    "diverged cannot be evaluated or deployed: retrain it."
+                )
+
+
+def load_saved(path: str | os.PathLike, *, check_finite: bool = True) -> tf.keras.Model:
+    """Load a saved Keras model (`.keras`, `.h5` or a SavedModel folder), uncompiled.
+
+    The file is checked before Keras sees it, so that what is wrong with it comes out as
+    one line naming the file rather than as a traceback from deep inside Keras:
+
+    - a `.keras` file must be an intact zip (every member passes its CRC check) holding
+      `config.json`, written by Keras 2 (`metadata.json`'s `keras_version` 2.x; a
+      Keras 3 file is refused with that reason);
+    - whatever Keras then fails on (an unknown layer class, e.g. from another version
+      of this package, a weights file that does not fit the configuration) is reported
+      with the first line of its message;
+    - with `check_finite`, every weight of the loaded model must be finite (see
+      `check_finite_weights`).
+
+    # Arguments
+        path: the saved model.
+        check_finite: refuse a model with NaN or infinite weights.
+
+    # Returns
+        The loaded, uncompiled `tf.keras.Model`.
+
+    # Raises
+        FileNotFoundError: nothing exists at `path`.
+        ModelFileError: (a `ValueError`) the file is corrupt, truncated, foreign,
+            written by Keras 3, not loadable, or holds non-finite weights.
+
+    # Example
+    ```python
+    model = get("resnet20")
+    model.save("/tmp/resnet20.keras")
+    again = load_saved("/tmp/resnet20.keras")
+    ```
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model file.")
+    if path.is_file() and path.suffix == ".keras":
+        _check_keras_archive(path)
+    try:
+        model = tf.keras.models.load_model(path, compile=False)
+    except Exception as err:  # Keras raises anything from ValueError to KeyError here
+        raise ModelFileError(
+            f"{path}: cannot be loaded as a Keras model ({_first_line(err)}); it may "
+            "have been saved by another version of larq-lipschitz, Larq or Keras."
+        ) from None
+    if check_finite:
+        check_finite_weights(model, str(path))
+    return model
