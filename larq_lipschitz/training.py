@@ -116,6 +116,8 @@ class TrainConfig:
         self.noise_sigmas = tuple(float(s) for s in self.noise_sigmas)
         if self.data is not None:
             self.data = str(pathlib.Path(self.data).expanduser().resolve())
+        if self.teacher:  # absolute, so that a rerun from elsewhere is the same run
+            self.teacher = str(pathlib.Path(self.teacher).expanduser().resolve())
         if self.strength is None:
             self.strength = DEFAULT_STRENGTH.get(self.regularizer)
         self.validate()
@@ -207,6 +209,11 @@ class TrainConfig:
             or not isinstance(self.seed, int)
         ):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(
+                f"seed must be in [0, 2**32 - 1] (TensorFlow's and NumPy's range), "
+                f"got {self.seed}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
