@@ -328,3 +328,21 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cifar_archive, tmp_pa
     summary = json.loads((out / "reproduce.json").read_text())
     assert {r["state"] for r in summary["runs"]} == {"reused"}
     assert _sha(second / "model.keras") == second_model
+
+
+def test_sigterm_unwinds_like_ctrl_c(monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop) ends a command with a resume hint, exit 143."""
+
+    def stopped(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this returns
+        return 0
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_cmd_models", stopped)
+    try:
+        code = cli.main(["models"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM
+    assert "terminated; rerun the same command to resume." in capsys.readouterr().err
