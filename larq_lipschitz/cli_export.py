@@ -40,7 +40,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "test set (or its first N images) next to the Keras model, and write "
             "RUN_DIR/export.json: agreement of predicted classes, largest logit "
             "difference, both accuracies, file sizes and the operator each layer became. "
-            "Needs `pip install larq-lipschitz[deploy]`."
+            'Needs the deploy extra: `pip install "larq-lipschitz[deploy]"`.'
         ),
     )
     from larq_lipschitz.cli_reports import one_line_errors
