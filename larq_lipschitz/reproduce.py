@@ -124,6 +124,8 @@ PROFILES: dict[str, Profile] = {
         sweep_epochs=1,
         sweep_train_examples=20000,
         eval_examples=1000,
+        timing_steps=15,
+        timing_rounds=5,
     ),
     "paper": Profile(
         name="paper",
@@ -497,8 +499,8 @@ def measure_epoch_times(
     """Training and test time per epoch of each regularizer, measured side by side.
 
     Every regularizer's model is built in this process and fed the same real batches of
-    the same input pipeline; the rounds interleave them (none, lcr, l1inf, none, ...), so
-    that the machine's load falls on all of them alike. Per epoch = median seconds per
+    the same input pipeline; the rounds interleave them (none, lcr, l1inf; then lcr,
+    l1inf, none; ...), so that the machine's load falls on all of them alike. Per epoch = median seconds per
     step × steps per epoch. LCR's time includes its full-precision teacher's forward pass
     and the retention matrices, as in training.
 
@@ -541,8 +543,12 @@ def measure_epoch_times(
         infer[reg] = tf.function(lambda x, m=target: m(x, training=False))
         for images, _ in test_batches.take(1):
             infer[reg](images)
+    order = list(built)
     for r in range(rounds):
-        for reg, net in built.items():
+        # each round starts with another regularizer, so none of them is always the
+        # first one after a pause (or always the one right behind another's warm caches)
+        for reg in order[r % len(order) :] + order[: r % len(order)]:
+            net = built[reg]
             start = time.perf_counter()
             net.fit(train_batches, steps_per_epoch=steps, epochs=1, verbose=0)
             train_s[reg].append((time.perf_counter() - start) / steps)
@@ -767,7 +773,9 @@ def reproduce(
 
     timings = []
     if profile.timing_steps:
-        previous = runs.read_json(out / "reproduce.json").get("time_per_epoch")
+        timing_file = out / "time_per_epoch.json"
+        previous = runs.read_json(timing_file) if timing_file.is_file() else []
+        train_images = profile.train_examples or 50000 - profile.validation_examples
         for model in models:
             wanted = {
                 reg: chosen[model][reg]["strength"] or 0.0 for reg in regularizers
@@ -782,6 +790,8 @@ def reproduce(
                 and [r["regularizer"] for r in t["rows"]] == list(wanted)
                 and t["steps"] == profile.timing_steps
                 and t["rounds"] == profile.timing_rounds
+                and t["batch_size"] == profile.batch_size
+                and t["train_images"] == train_images
             ]
             if reuse:
                 timings.append(reuse[0])
@@ -796,7 +806,7 @@ def reproduce(
                     batch_size=profile.batch_size,
                     steps=profile.timing_steps,
                     rounds=profile.timing_rounds,
-                    train_images=50000 - profile.validation_examples,
+                    train_images=train_images,
                 )
             )
         summary["time_per_epoch"] = timings
