@@ -141,3 +141,17 @@ def test_a_folder_locked_by_another_trainer_is_refused_before_anything_is_writte
         with pytest.raises(runs.RunError, match="is training into this folder"):
             train(config, out)
     assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_outside_the_range_of_tensorflow_is_refused_by_name(seed):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32 - 1\]"):
+        TrainConfig(seed=seed)
+
+
+def test_teacher_path_is_stored_absolute(tmp_path, monkeypatch):
+    (tmp_path / "teacher.keras").write_bytes(b"placeholder")
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(regularizer="lcr", teacher="teacher.keras")
+    assert config.teacher == str(tmp_path.resolve() / "teacher.keras")
+    assert config.to_dict()["teacher"] == config.teacher
