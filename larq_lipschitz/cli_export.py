@@ -12,21 +12,12 @@ import pathlib
 import sys
 
 from larq_lipschitz.cli import _float_list
+from larq_lipschitz.cli_reports import _positive_int
 
 log = logging.getLogger(__name__)
 
 TFLITE_FILE = "model.tflite"
 EXPORT_FILE = "export.json"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+from larq_lipschitz.cli_reports import _names
 
 
 def _strengths(text: str) -> dict[str, float]:

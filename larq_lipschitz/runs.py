@@ -66,18 +66,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old or the new file."""
-    path = pathlib.Path(path)
+@contextlib.contextmanager
+def _replacing(path: pathlib.Path, suffix: str) -> Iterator[tuple[int, str]]:
+    """A temporary file beside `path` that replaces it once the block succeeds.
+
+    Yields `(fd, temporary path)`; the block writes the file. Afterwards the file gets the
+    usual mode (mkstemp makes 0600), is flushed to disk and renamed over `path`, and the
+    rename is made durable. On any error (or interruption) the temporary file is removed.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
+        yield fd, tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -87,6 +91,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             pass
         raise
     _fsync_folder(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old or the new file."""
+    with _replacing(pathlib.Path(path), ".tmp") as (fd, _):
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def _fsync_folder(folder: pathlib.Path) -> None:
@@ -109,26 +120,9 @@ def atomic_save_model(model: Any, path: str | os.PathLike) -> None:
     The model is saved to a temporary `.keras` file in the same folder, flushed to disk
     and renamed over `path`.
     """
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=f"{_TMP_MARK}.keras", dir=path.parent
-    )
-    os.close(fd)
-    try:
+    with _replacing(pathlib.Path(path), f"{_TMP_MARK}.keras") as (fd, tmp):
+        os.close(fd)
         model.save(tmp, overwrite=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_folder(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -255,6 +255,19 @@ def _grid_command(archive, out) -> list[str]:
     ]
 
 
+def _run_to_the_end(archive, out, env) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        _grid_command(archive, out),
+        cwd=out.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def test_killed_grid_resumes_without_redoing_finished_runs(cifar_archive, tmp_path):
     out = tmp_path / "grid"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -289,15 +302,7 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cifar_archive, tmp_pa
     assert not (second / "results.json").is_file(), "killed too late to test resume"
     kept = {name: _sha(first / name) for name in ("results.json", "model.keras")}
 
-    rerun = subprocess.run(
-        _grid_command(cifar_archive, out),
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = _run_to_the_end(cifar_archive, out, env)
     assert {name: _sha(first / name) for name in kept} == kept  # not retrained
     summary = json.loads((out / "reproduce.json").read_text())
     states = {r["regularizer"]: r["state"] for r in summary["runs"]}
@@ -316,15 +321,7 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cifar_archive, tmp_pa
 
     # a third invocation of a finished grid trains nothing at all
     second_model = _sha(second / "model.keras")
-    again = subprocess.run(
-        _grid_command(cifar_archive, out),
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
+    _run_to_the_end(cifar_archive, out, env)
     summary = json.loads((out / "reproduce.json").read_text())
     assert {r["state"] for r in summary["runs"]} == {"reused"}
     assert _sha(second / "model.keras") == second_model
