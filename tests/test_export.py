@@ -345,7 +345,7 @@ def test_deployed_model_input_errors(tiny, tmp_path):
 def test_missing_lce_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "larq_compute_engine", None)
     with pytest.raises(
-        export.LCENotInstalledError, match=r"pip install larq-lipschitz\[deploy\]"
+        export.LCENotInstalledError, match=r'pip install "larq-lipschitz\[deploy\]"'
     ):
         export.convert(_tiny_bnn(), tmp_path / "m.tflite")
     assert not (tmp_path / "m.tflite").exists()
@@ -414,7 +414,7 @@ def test_cli_export_errors(tiny, cifar_archive, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "larq_compute_engine", None)
     assert cli.main(["export", str(run)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "pip install larq-lipschitz[deploy]" in err and len(err.splitlines()) == 1
+    assert 'pip install "larq-lipschitz[deploy]"' in err and len(err.splitlines()) == 1
     assert not (run / "model.tflite").exists()
     monkeypatch.undo()
 

@@ -527,7 +527,7 @@ ROWS = [
     ),
     Row(
         "export-examples-zero",
-        "argument --examples: expected an integer >= 1, got '0'",
+        "argument --examples: expected a positive integer, got 0",
         lambda c: ["export", str(c.run), "--examples", "0"],
         watch=folder("run"),
     ),
