@@ -74,7 +74,10 @@ __all__ = [
 #: Custom operators that LCE's interpreter implements.
 LCE_OPERATORS = ("LceBconv2d", "LceQuantize", "LceDequantize", "LceBMaxPool2d")
 #: The command that installs Larq Compute Engine with this package.
-INSTALL_HINT = 'pip install "larq-lipschitz[deploy]"; from a source checkout, pip install -e ".[deploy]"'
+INSTALL_HINT = (
+    'pip install "larq-lipschitz[deploy]"; from a source checkout, '
+    'pip install -e ".[deploy]"'
+)
 
 #: Relative tolerance under which `verify` counts an image's logits as matching.
 MATCH_RTOL = 1e-4

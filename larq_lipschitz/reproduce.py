@@ -500,9 +500,9 @@ def measure_epoch_times(
 
     Every regularizer's model is built in this process and fed the same real batches of
     the same input pipeline; the rounds interleave them (none, lcr, l1inf; then lcr,
-    l1inf, none; ...), so that the machine's load falls on all of them alike. Per epoch = median seconds per
-    step × steps per epoch. LCR's time includes its full-precision teacher's forward pass
-    and the retention matrices, as in training.
+    l1inf, none; ...), so that the machine's load falls on all of them alike. Per
+    epoch = median seconds per step × steps per epoch. LCR's time includes its
+    full-precision teacher's forward pass and the retention matrices, as in training.
 
     # Returns
         `{"steps": .., "rounds": .., "batch_size": .., "rows": [{"regularizer",

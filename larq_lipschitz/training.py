@@ -387,8 +387,9 @@ class NonFiniteCheck(tf.keras.callbacks.Callback):
 
     On the first failure it sets `model.stop_training` (Keras stops after the current
     step: a step whose weights were already bad still runs, on weights that are
-    discarded), logs the message and keeps it in `failure`; callbacks that persist state (`EpochCheckpoint`, `EpochHistory`) read
-    it and write nothing for the failed epoch. `position` names the batch being
+    discarded), logs the message and keeps it in `failure`; callbacks that persist
+    state (`EpochCheckpoint`, `EpochHistory`) read it and write nothing for the failed
+    epoch. `position` names the batch being
     processed, which `train` uses to place an input-data error. Epochs and steps are
     counted from 1 in messages.
 
