@@ -780,9 +780,8 @@ def reproduce(
             wanted = {
                 reg: chosen[model][reg]["strength"] or 0.0 for reg in regularizers
             }
-            for reg in ("lcr",):
-                if reg in wanted and not wanted[reg]:
-                    wanted[reg] = profile.strengths.get("lcr", 3.2)
+            if "lcr" in wanted and not wanted["lcr"]:  # an alpha of 0 is no LCR at all
+                wanted["lcr"] = profile.strengths.get("lcr", 3.2)
             reuse = [
                 t
                 for t in previous or []

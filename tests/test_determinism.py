@@ -8,11 +8,9 @@ line (and a shell command that parses back to the same configuration), the versi
 the seed, the data source and the archive's SHA-256 (checked against `hashlib`).
 """
 
-import csv
 import dataclasses
 import hashlib
 import importlib.metadata
-import io
 import json
 import os
 import shlex
@@ -29,6 +27,8 @@ import pytest
 import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from tests.run_files import checkpoint_tensors, history_columns
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 TIMEOUT = 400
@@ -60,20 +60,6 @@ def _command(archive, out, seed):
 def _last_checkpoint(folder):
     state = tf.train.get_checkpoint_state(str(folder / "checkpoints"))
     return None if state is None else state.model_checkpoint_path
-
-
-def _tensors(path):
-    reader = tf.train.load_checkpoint(path)
-    return {
-        name: reader.get_tensor(name)
-        for name, _ in tf.train.list_variables(path)
-        if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")
-    }
-
-
-def _history(folder):
-    rows = list(csv.DictReader(io.StringIO((folder / "history.csv").read_text())))
-    return {k: [r[k] for r in rows] for k in rows[0] if k != "epoch_seconds"}
 
 
 def test_same_seed_same_bits_other_seed_other_weights(tmp_path, cifar_archive):
@@ -116,18 +102,20 @@ def test_same_seed_same_bits_other_seed_other_weights(tmp_path, cifar_archive):
                 process.kill()
             process.wait(timeout=60)
 
-    weights = {n: _tensors(_last_checkpoint(f)) for n, f in folders.items()}
+    weights = {n: checkpoint_tensors(_last_checkpoint(f)) for n, f in folders.items()}
     assert weights["a"].keys() == weights["b"].keys() == weights["c"].keys()
     kernels = [k for k in weights["a"] if "kernel" in k and "optimizer" not in k]
     assert len(kernels) >= 20
     for name in weights["a"]:
         assert np.array_equal(weights["a"][name], weights["b"][name]), name
-    assert _history(folders["a"]) == _history(folders["b"])
+    assert history_columns(folders["a"]) == history_columns(folders["b"])
     differing = [
         k for k in kernels if not np.array_equal(weights["a"][k], weights["c"][k])
     ]
     assert differing == kernels  # another seed: other initial weights, data, order
-    assert _history(folders["a"])["loss"] != _history(folders["c"])["loss"]
+    assert (
+        history_columns(folders["a"])["loss"] != history_columns(folders["c"])["loss"]
+    )
 
     # results.json holds what it takes to rerun run "a".
     results = json.loads((folders["a"] / runs.RESULTS_FILE).read_text())

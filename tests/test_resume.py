@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.run_files import checkpoint_tensors, history_columns
+
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 TIMEOUT = 400  # seconds for one process, generous for a loaded 2-core machine
 
@@ -97,24 +99,10 @@ def _assert_complete(folder):
     return int(latest.rsplit("-", 1)[1])
 
 
-def _checkpoint_tensors(path):
-    reader = tf.train.load_checkpoint(path)
-    return {
-        name: reader.get_tensor(name)
-        for name, _ in tf.train.list_variables(path)
-        if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")
-    }
-
-
 def _hidden_leftovers(folder):
     return [
         p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".lock"
     ]
-
-
-def _history(folder):
-    rows = list(csv.DictReader(io.StringIO((folder / "history.csv").read_text())))
-    return {k: [r[k] for r in rows] for k in rows[0] if k != "epoch_seconds"}
 
 
 def test_kill_9_during_epoch_2_then_rerun_ends_as_an_uninterrupted_run(
@@ -176,9 +164,9 @@ def test_kill_9_during_epoch_2_then_rerun_ends_as_an_uninterrupted_run(
     assert _hidden_leftovers(killed_dir) == []
 
     # The resumed run is the uninterrupted run: same data order, optimizer state, steps.
-    assert _history(killed_dir) == _history(reference_dir)
-    got = _checkpoint_tensors(str(killed_dir / "checkpoints" / "ckpt-3"))
-    want = _checkpoint_tensors(str(reference_dir / "checkpoints" / "ckpt-3"))
+    assert history_columns(killed_dir) == history_columns(reference_dir)
+    got = checkpoint_tensors(str(killed_dir / "checkpoints" / "ckpt-3"))
+    want = checkpoint_tensors(str(reference_dir / "checkpoints" / "ckpt-3"))
     assert got.keys() == want.keys()
     assert any("optimizer" in k for k in got), "optimizer state is not checkpointed"
     assert int(got["epochs_done/.ATTRIBUTES/VARIABLE_VALUE"]) == 3
